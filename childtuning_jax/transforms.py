@@ -1,0 +1,275 @@
+"""Child-Tuning as optax gradient transformations.
+
+Child-Tuning (Xu et al., "Raise a Child in Large Language Model: Towards Effective and Generalizable
+Fine-tuning", EMNLP 2021) updates only a *child network* during fine-tuning: the gradients of every
+other parameter are set to zero, while the forward pass still uses the whole model. The mask acts on
+the gradient before the optimizer, so Adam's moments see masked gradients and decoupled weight decay
+still applies to every decayed parameter. The official recipe's order is::
+
+  optax.chain(
+      optax.clip_by_global_norm(max_grad_norm),
+      child_tuning_d(mask),          # or child_tuning_f(reserve_p, key)
+      optax.adamw(learning_rate, weight_decay=0.01, mask=decay_mask),
+  )
+
+* ``child_tuning_f`` (task-free): a fresh Bernoulli(p) mask over every gradient element at every
+  step, kept gradients rescaled by 1/p (paper, Eq. 6).
+* ``child_tuning_d`` (task-driven): a fixed mask chosen before training from Fisher information
+  (see :mod:`childtuning_jax.fisher` and :mod:`childtuning_jax.selection`), no rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from childtuning_jax import paths
+
+Sampler = Literal["hash", "jax"]
+
+
+def check_reserve_p(reserve_p: float) -> float:
+    """Returns ``reserve_p`` as a float, or raises if it is not in (0, 1]."""
+    try:
+        value = float(reserve_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"reserve_p must be a number in (0, 1], got {reserve_p!r}") from None
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(f"reserve_p must be in (0, 1], got {reserve_p!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# ChildTuning-F
+# ---------------------------------------------------------------------------------------------
+
+
+class ChildTuningFState(NamedTuple):
+    """State of :func:`child_tuning_f`: the raw data of the PRNG key for the next update.
+
+    Raw ``uint32`` key data (``jax.random.key_data``) rather than a typed key, so the state
+    checkpoints like any array and a state replicated over devices draws the same masks everywhere.
+    """
+
+    key: jax.Array
+
+
+_UINT32_RANGE = 2**32
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash with full avalanche (Wellons' ``lowbias32``)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash_uniform_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
+    """32 uniform random bits per element: ``mix(mix(index ^ seed[0]) ^ seed[1])``.
+
+    For a uniformly random seed, every element's word is exactly uniform over 2**32 values (each
+    step is a bijection), so a threshold test keeps an element with exactly the probability the
+    threshold says. Two keyed rounds decorrelate elements, leaves and steps. This fuses into the
+    optimizer's elementwise work, where per-element threefry costs several times AdamW on CPU.
+    """
+    size = math.prod(shape)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _mix32(_mix32(index ^ seed[0]) ^ seed[1])
+
+
+def _keep_threshold(reserve_p: float) -> int:
+    """The uint32 threshold ``t`` with keep-probability ``t / 2**32`` closest to ``reserve_p``."""
+    return min(max(round(reserve_p * _UINT32_RANGE), 1), _UINT32_RANGE - 1)
+
+
+def child_tuning_f(
+    reserve_p: float, key: jax.Array, *, sampler: Sampler = "hash"
+) -> optax.GradientTransformation:
+    """ChildTuning-F: keep each gradient element with probability ``reserve_p``, rescaled.
+
+    Every ``update`` draws a fresh Bernoulli mask for every element of every gradient leaf and
+    returns ``grad * mask / p_eff``, where ``p_eff`` is the keep-probability actually used, so
+    ``E[update] = grad`` exactly (Xu et al., 2021, Eq. 6; the official code divides by
+    ``reserve_p``).
+
+    Sampling (``sampler``):
+
+    * ``"hash"`` (default): for each step and leaf, two 32-bit seeds are drawn from ``key`` with
+      JAX's threefry; each element's 32 random bits are a keyed integer hash of its index (see
+      ``_hash_uniform_bits``). The element is kept when its bits fall below
+      ``t = round(reserve_p * 2**32)``, so ``p_eff = t / 2**32`` (within 2**-32 of ``reserve_p``).
+      This fuses into the optimizer update and costs little more than a multiply per element.
+    * ``"jax"``: ``jax.random.bernoulli`` per leaf (threefry per element, slower on CPU), with
+      ``p_eff = reserve_p``.
+
+    Masks are independent across leaves and steps; the same key gives the same sequence of masks on
+    the same platform. The key lives in the state: replicated states draw identical masks on every
+    device (as data-parallel training needs), and a restored state continues the same stream.
+
+    Args:
+      reserve_p: probability of keeping each gradient element, in (0, 1].
+      key: a JAX PRNG key, typed (``jax.random.key``) or legacy (``jax.random.PRNGKey``).
+      sampler: ``"hash"`` or ``"jax"``, as above.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``reserve_p == 1`` keeps every gradient unchanged.
+    """
+    reserve_p = check_reserve_p(reserve_p)
+    if sampler not in ("hash", "jax"):
+        raise ValueError(f"sampler must be 'hash' or 'jax', got {sampler!r}")
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a JAX PRNG key array, got {type(key).__name__}")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(key)
+        key_data = jax.random.key_data(key)
+    else:
+        impl = None  # legacy uint32 key: the default implementation
+        key_data = key
+        if key_data.dtype != jnp.uint32:
+            raise TypeError(f"a legacy PRNG key must be uint32 data, got dtype {key.dtype}")
+    if key_data.ndim != 1:
+        raise ValueError(f"key must be a single PRNG key, got key data of shape {key_data.shape}")
+
+    threshold = _keep_threshold(reserve_p)
+    scale = _UINT32_RANGE / threshold if sampler == "hash" else 1.0 / reserve_p  # 1 / p_eff
+
+    def init_fn(params: Any) -> ChildTuningFState:
+        del params
+        return ChildTuningFState(key=jnp.asarray(key_data))
+
+    def update_fn(updates, state, params=None):
+        del params
+        if reserve_p == 1.0:
+            return updates, state
+        step_key = jax.random.wrap_key_data(state.key, impl=impl)
+        next_key, mask_key = jax.random.split(step_key)
+        leaves, treedef = jax.tree.flatten(updates)
+        leaf_keys = jax.random.split(mask_key, max(len(leaves), 1))
+        masked = []
+        for leaf_key, grad in zip(leaf_keys, leaves, strict=False):
+            if sampler == "hash":
+                if grad.size >= _UINT32_RANGE:
+                    raise ValueError(
+                        f"leaf of {grad.size} elements is too large for sampler='hash'"
+                    )
+                seed = jax.random.bits(leaf_key, (2,), jnp.uint32)
+                keep = _hash_uniform_bits(grad.shape, seed) < jnp.uint32(threshold)
+            else:
+                keep = jax.random.bernoulli(leaf_key, reserve_p, grad.shape)
+            masked.append(
+                jnp.where(keep, grad * jnp.asarray(scale, grad.dtype), 0).astype(grad.dtype)
+            )
+        new_state = ChildTuningFState(key=jax.random.key_data(next_key))
+        return jax.tree.unflatten(treedef, masked), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# ChildTuning-D
+# ---------------------------------------------------------------------------------------------
+
+
+class ChildTuningDState(NamedTuple):
+    """State of :func:`child_tuning_d`: the fixed boolean mask, a pytree like the params.
+
+    Kept in the state (not closed over as a constant) so it is checkpointed with the optimizer and
+    replicated or sharded like any other optimizer state.
+    """
+
+    mask: Any
+
+
+def _check_same_layout(mask: Any, tree: Any, tree_name: str) -> None:
+    """Raises naming the first path where ``mask`` and ``tree`` differ in structure or shape."""
+    mask_leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
+    tree_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    mask_names = [paths.keypath_to_str(p) for p, _ in mask_leaves]
+    tree_names = [paths.keypath_to_str(p) for p, _ in tree_leaves]
+    for i, (mask_name, tree_name_i) in enumerate(zip(mask_names, tree_names, strict=False)):
+        if mask_name != tree_name_i:
+            raise ValueError(
+                f"mask and {tree_name} differ in structure at leaf {i}: the mask has "
+                f"'{mask_name}' where the {tree_name} have '{tree_name_i}'"
+            )
+        mask_shape = np.shape(mask_leaves[i][1])
+        tree_shape = np.shape(tree_leaves[i][1])
+        if mask_shape != tree_shape:
+            raise ValueError(
+                f"mask leaf '{mask_name}' has shape {mask_shape} but the {tree_name} leaf has "
+                f"shape {tree_shape}"
+            )
+    if len(mask_names) != len(tree_names):
+        extra = (
+            mask_names[len(tree_names)]
+            if len(mask_names) > len(tree_names)
+            else tree_names[len(mask_names)]
+        )
+        owner = "mask" if len(mask_names) > len(tree_names) else tree_name
+        raise ValueError(
+            f"mask has {len(mask_names)} leaves but the {tree_name} have {len(tree_names)}; "
+            f"first unmatched leaf: '{extra}' (only in the {owner})"
+        )
+    if jax.tree.structure(mask) != jax.tree.structure(tree):
+        raise ValueError(
+            f"mask and {tree_name} have the same leaf names but different tree structures: "
+            f"{jax.tree.structure(mask)} vs {jax.tree.structure(tree)}"
+        )
+
+
+def _as_bool_mask(mask: Any) -> Any:
+    def convert(name: str, leaf: Any) -> jax.Array:
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"mask leaf '{name}' must be an array, got {type(leaf).__name__}")
+        if leaf.dtype == jnp.bool_:
+            return jnp.asarray(leaf)
+        if not (
+            jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.floating)
+        ):
+            raise TypeError(f"mask leaf '{name}' must be boolean, got dtype {leaf.dtype}")
+        values = np.asarray(leaf)
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"mask leaf '{name}' must hold only 0/1 or booleans")
+        return jnp.asarray(values.astype(bool))
+
+    return paths.map_with_name(convert, mask)
+
+
+def child_tuning_d(mask: Any) -> optax.GradientTransformation:
+    """ChildTuning-D: multiply gradients by a fixed boolean mask, without rescaling.
+
+    The mask selects the child network: the top-``reserve_p`` encoder-layer parameters by Fisher
+    information, with every parameter outside the encoder layers always trained (Xu et al., 2021,
+    Sec. 3.2; build it with :func:`childtuning_jax.fisher_information` and
+    :func:`childtuning_jax.fisher_mask`). Elements where the mask is False get a zero gradient.
+
+    Args:
+      mask: a pytree of boolean arrays (0/1 numbers are accepted) with the structure and leaf
+        shapes of the params. It is stored in the transform's state (one byte per parameter).
+
+    Returns:
+      An ``optax.GradientTransformation``. ``init`` checks the mask against the params and raises a
+      ``ValueError`` that names the first differing path.
+    """
+    bool_mask = _as_bool_mask(mask)
+
+    def init_fn(params: Any) -> ChildTuningDState:
+        _check_same_layout(bool_mask, params, "params")
+        return ChildTuningDState(mask=bool_mask)
+
+    def update_fn(updates, state, params=None):
+        del params
+        _check_same_layout(state.mask, updates, "updates")
+        masked = jax.tree.map(
+            lambda g, keep: jnp.where(keep, g, jnp.zeros((), g.dtype)), updates, state.mask
+        )
+        return masked, state
+
+    return optax.GradientTransformation(init_fn, update_fn)

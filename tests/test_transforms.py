@@ -1,0 +1,242 @@
+"""ChildTuning-F and ChildTuning-D as optax transforms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import childtuning_jax as ct
+from childtuning_jax import parallel
+
+
+def _params():
+    return {
+        "bert": {
+            "embeddings": {"word": jnp.ones((300, 40))},
+            "encoder": {"layer": [{"kernel": jnp.ones((200, 100))} for _ in range(2)]},
+        },
+        "classifier": {"kernel": jnp.ones((40, 3)), "bias": jnp.ones((3,))},
+    }
+
+
+def _f_update(reserve_p, key, grads, steps=1, **kwargs):
+    tx = ct.child_tuning_f(reserve_p, key, **kwargs)
+    state = tx.init(grads)
+    outs = []
+    for _ in range(steps):
+        out, state = tx.update(grads, state)
+        outs.append(out)
+    return outs, state
+
+
+# --- ChildTuning-F --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["hash", "jax"])
+@pytest.mark.parametrize("reserve_p", [0.1, 0.3, 0.75])
+def test_f_keeps_fraction_within_six_sigma(reserve_p, sampler):
+    grads = {"w": jnp.ones((400, 500))}
+    (out,), _ = _f_update(reserve_p, jax.random.key(0), grads, sampler=sampler)
+    kept = np.asarray(out["w"]) != 0
+    n = kept.size
+    sigma = math.sqrt(n * reserve_p * (1 - reserve_p))
+    assert abs(kept.sum() - n * reserve_p) < 6 * sigma
+
+
+@pytest.mark.parametrize("sampler", ["hash", "jax"])
+def test_f_kept_values_equal_rescale_factor(sampler):
+    grads = {"w": jnp.full((100, 100), 2.5)}
+    (out,), _ = _f_update(0.3, jax.random.key(1), grads, sampler=sampler)
+    values = np.unique(np.asarray(out["w"]))
+    assert values[0] == 0.0 and len(values) == 2
+    # 1 / p_eff; p_eff is 0.3 up to 2**-32 for the hash sampler.
+    np.testing.assert_allclose(values[1], 2.5 / 0.3, rtol=1e-6)
+
+
+def test_f_is_unbiased_on_average():
+    grads = {"w": jnp.linspace(-1.0, 1.0, 50_000).reshape(100, 500)}
+    outs, _ = _f_update(0.2, jax.random.key(2), grads, steps=40)
+    # Each element is g * Bernoulli(0.2) / 0.2: variance g**2 * 0.8 / 0.2 per draw. The pooled sum
+    # over elements and steps is unbiased to within a few standard errors.
+    total = np.sum([np.asarray(o["w"]).sum() for o in outs]) / 40
+    g = np.asarray(grads["w"])
+    std = math.sqrt(np.sum(g**2) * 4 / 40)
+    assert abs(total - g.sum()) < 6 * std
+
+
+def test_f_masks_independent_across_leaves_steps_and_neighbours():
+    grads = {"a": jnp.ones((300, 300)), "b": jnp.ones((300, 300))}
+    p = 0.3
+    outs, _ = _f_update(p, jax.random.key(3), grads, steps=2)
+    a0 = np.asarray(outs[0]["a"]) != 0
+    b0 = np.asarray(outs[0]["b"]) != 0
+    a1 = np.asarray(outs[1]["a"]) != 0
+    n = a0.size
+    sigma = math.sqrt(n * p * p * (1 - p * p))
+    for x, y in [(a0, b0), (a0, a1), (a0[:, :-1], a0[:, 1:]), (a0[:-1], a0[1:])]:
+        joint = np.sum(x & y)
+        assert abs(joint - x.size * p * p) < 6 * sigma, joint
+    assert not np.array_equal(a0, b0) and not np.array_equal(a0, a1)
+
+
+def test_f_same_key_same_sequence_and_key_forms():
+    grads = _params()
+    outs_a, state_a = _f_update(0.4, jax.random.key(7), grads, steps=3)
+    outs_b, state_b = _f_update(0.4, jax.random.PRNGKey(7), grads, steps=3)
+    for a, b in zip(outs_a, outs_b, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(state_a.key, state_b.key)
+    outs_c, _ = _f_update(0.4, jax.random.key(8), grads, steps=1)
+    assert not np.array_equal(outs_a[0]["classifier"]["kernel"], outs_c[0]["classifier"]["kernel"])
+
+
+def test_f_resumed_state_continues_the_stream():
+    grads = _params()
+    tx = ct.child_tuning_f(0.5, jax.random.key(11))
+    state = tx.init(grads)
+    _, state = tx.update(grads, state)
+    saved = jax.tree.map(np.asarray, state)  # as a checkpoint would hold it
+    expected, _ = tx.update(grads, state)
+    restored = ct.ChildTuningFState(key=jnp.asarray(saved.key))
+    resumed, _ = ct.child_tuning_f(0.5, jax.random.key(999)).update(grads, restored)
+    jax.tree.map(np.testing.assert_array_equal, expected, resumed)
+
+
+def test_f_masks_every_leaf_and_reserve_one_is_identity():
+    grads = _params()
+    (out,), _ = _f_update(0.5, jax.random.key(4), grads)
+    for leaf in jax.tree.leaves(out):
+        assert 0 < np.count_nonzero(np.asarray(leaf)) < leaf.size
+    (same,), _ = _f_update(1.0, jax.random.key(4), grads)
+    jax.tree.map(np.testing.assert_array_equal, same, grads)
+
+
+def test_f_under_jit_with_donated_buffers_matches_eager():
+    grads = _params()
+    tx = ct.child_tuning_f(0.3, jax.random.key(5))
+    state = tx.init(grads)
+    eager, _ = tx.update(grads, state)
+    jitted = jax.jit(tx.update, donate_argnums=(0, 1))
+    out, new_state = jitted(jax.tree.map(jnp.copy, grads), jax.tree.map(jnp.copy, state))
+    jax.tree.map(np.testing.assert_array_equal, eager, out)
+    assert new_state.key.shape == state.key.shape
+
+
+def test_f_identical_masks_on_every_pmap_replica():
+    devices = jax.local_devices()
+    assert len(devices) >= 4, "conftest should force 4 host devices"
+    grads = {"w": jnp.ones((64, 32)), "v": jnp.ones((10,))}
+    tx = ct.child_tuning_f(0.3, jax.random.key(6))
+    state = parallel.replicate(tx.init(grads), devices)
+    rep_grads = parallel.replicate(grads, devices)
+    step = jax.pmap(tx.update, axis_name="d", devices=devices)
+    for _ in range(2):
+        out, state = step(rep_grads, state)
+        w = np.asarray(out["w"])
+        for i in range(1, len(devices)):
+            np.testing.assert_array_equal(w[0], w[i])
+    assert 0 < np.count_nonzero(w[0]) < w[0].size
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_f_rejects_bad_reserve_p(bad):
+    with pytest.raises(ValueError, match="reserve_p"):
+        ct.child_tuning_f(bad, jax.random.key(0))
+
+
+def test_f_rejects_bad_key_and_sampler():
+    with pytest.raises(TypeError, match="key"):
+        ct.child_tuning_f(0.3, 42)
+    with pytest.raises(ValueError, match="single PRNG key"):
+        ct.child_tuning_f(0.3, jax.random.split(jax.random.key(0), 2))
+    with pytest.raises(ValueError, match="sampler"):
+        ct.child_tuning_f(0.3, jax.random.key(0), sampler="numpy")
+
+
+# --- ChildTuning-D --------------------------------------------------------------------------
+
+
+def _random_mask(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.3), params)
+
+
+def test_d_multiplies_by_mask_without_rescaling():
+    params = _params()
+    mask = _random_mask(params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 1.7), params)
+    tx = ct.child_tuning_d(mask)
+    out, state = jax.jit(tx.update)(grads, tx.init(params))
+    jax.tree.map(
+        lambda o, m: np.testing.assert_array_equal(np.asarray(o), np.where(m, np.float32(1.7), 0)),
+        out,
+        mask,
+    )
+    assert all(leaf.dtype == jnp.bool_ for leaf in jax.tree.leaves(state.mask))
+
+
+def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
+    params = {"w": jnp.ones((3, 2))}
+    tx = ct.child_tuning_d({"w": np.array([[1, 0], [0, 1], [1, 1]], np.int32)})
+    state = tx.init(params)
+    assert isinstance(state, ct.ChildTuningDState)
+    assert state.mask["w"].dtype == jnp.bool_
+    with pytest.raises(ValueError, match="0/1"):
+        ct.child_tuning_d({"w": np.full((3, 2), 2)})
+
+
+def test_d_official_order_adam_sees_masked_grads_and_decay_hits_all():
+    params = {"layer": jnp.full((4,), 2.0)}
+    mask = {"layer": jnp.array([True, False, True, False])}
+    grads = {"layer": jnp.array([0.5, 0.5, -0.5, -0.5])}
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        ct.child_tuning_d(mask),
+        optax.adamw(0.1, weight_decay=0.01),
+    )
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    adam_state = state[2][0]
+    np.testing.assert_array_equal(
+        np.asarray(adam_state.mu["layer"]) != 0, np.asarray(mask["layer"])
+    )
+    # Masked elements move only by decoupled weight decay: -lr * wd * param.
+    np.testing.assert_allclose(np.asarray(updates["layer"])[[1, 3]], -0.1 * 0.01 * 2.0, rtol=1e-6)
+    assert np.all(np.abs(np.asarray(updates["layer"])[[0, 2]]) > 0.05)
+
+
+def test_d_replicated_under_pmap():
+    devices = jax.local_devices()
+    params = _params()
+    mask = _random_mask(params, seed=3)
+    tx = ct.child_tuning_d(mask)
+    state = parallel.replicate(tx.init(params), devices)
+    grads = parallel.replicate(jax.tree.map(jnp.ones_like, params), devices)
+    out, _ = jax.pmap(tx.update, devices=devices)(grads, state)
+    for o, m in zip(jax.tree.leaves(out), jax.tree.leaves(mask), strict=True):
+        for i in range(len(devices)):
+            np.testing.assert_array_equal(np.asarray(o[i]) != 0, np.asarray(m))
+
+
+def test_d_mask_mismatch_names_the_path():
+    params = _params()
+    mask = _random_mask(params)
+    mask["bert"]["encoder"]["layer"][1]["kernel"] = jnp.ones((200, 99), bool)
+    with pytest.raises(ValueError, match=r"bert/encoder/layer/1/kernel.*\(200, 99\)"):
+        ct.child_tuning_d(mask).init(params)
+    mask = _random_mask(params)
+    del mask["classifier"]["bias"]
+    with pytest.raises(ValueError, match="classifier/bias"):
+        ct.child_tuning_d(mask).init(params)
+    mask = _random_mask(params)
+    mask["extra"] = jnp.ones((2,), bool)
+    with pytest.raises(ValueError, match="extra"):
+        ct.child_tuning_d(mask).init(params)
+
+
+def test_d_rejects_non_boolean_mask():
+    with pytest.raises(TypeError, match="'w'.*boolean"):
+        ct.child_tuning_d({"w": np.array(["a", "b"])})
