@@ -13,6 +13,7 @@ the mean squared gradient of the loss. Two estimators are offered:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -151,6 +152,28 @@ def _make_grad_sq_sum(
     return keyed_rule
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_steps(
+    loss_fn: LossFn, options: tuple[tuple[str, Any], ...], devices: tuple[jax.Device, ...] | None
+) -> Callable[..., Any]:
+    """The jitted (or pmapped) accumulation step, cached so repeated passes with the same
+    ``loss_fn`` and options reuse their compilation."""
+    if devices is None:
+        rule = _make_grad_sq_sum(loss_fn, axis_name=None, **dict(options))
+        return jax.jit(
+            lambda acc, params, batch, rng: _tree_add(acc, rule(params, batch, rng)),
+            donate_argnums=0,
+        )
+    pmap_rule = _make_grad_sq_sum(loss_fn, axis_name="batch", **dict(options))
+    return jax.pmap(
+        lambda acc, params, batch, rng: _tree_add(acc, pmap_rule(params, batch, rng)),
+        axis_name="batch",
+        in_axes=(0, 0, 0, None),
+        devices=devices,
+        donate_argnums=0,
+    )
+
+
 def _check_finite(fisher: Any) -> None:
     finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), fisher)
     for name, ok in zip(paths.leaf_names(finite), jax.tree.leaves(finite), strict=True):
@@ -212,23 +235,12 @@ def fisher_information(
         has_rng=rng is not None,
     )
 
-    def accumulate(acc, params, batch, rng):
-        return _tree_add(acc, single_rule(params, batch, rng))
-
-    single_rule = _make_grad_sq_sum(loss_fn, axis_name=None, **options)
-    single_step = jax.jit(accumulate, donate_argnums=0)
+    single_step = _compiled_steps(loss_fn, tuple(sorted(options.items())), None)
     zeros = jax.tree.map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
 
     use_pmap = devices is not None and len(devices) > 1
     if use_pmap:
-        pmap_rule = _make_grad_sq_sum(loss_fn, axis_name="batch", **options)
-        pmap_step = jax.pmap(
-            lambda acc, params, batch, rng: _tree_add(acc, pmap_rule(params, batch, rng)),
-            axis_name="batch",
-            in_axes=(0, 0, 0, None),
-            devices=devices,
-            donate_argnums=0,
-        )
+        pmap_step = _compiled_steps(loss_fn, tuple(sorted(options.items())), tuple(devices))
         replicated_params = parallel.replicate(params, devices)
         replicated_acc = parallel.replicate(zeros, devices)
         single_params = jax.device_put(params, devices[0])

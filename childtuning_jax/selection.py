@@ -45,6 +45,7 @@ Where = Callable[[str], bool]
 _SAMPLE_SIZE = 2**16
 _BRACKET_SIGMAS = 6.0
 _BRACKET_MARGIN = 2.0  # sample ranks added on each side
+_CHUNK = 1 << 16  # values per chunk of the host pass: temporaries stay in cache
 
 
 def official_eligibility(name: str) -> bool:
@@ -74,53 +75,62 @@ class _Leaf:
         self.host = _host_view(value)
         self.flat = self.host if self.host is not None else jnp.ravel(value)
         self.size = int(np.size(value))
+        self._at_least_lo: np.ndarray | None = None  # host only: value >= lo, the mask to be
+        self._bracket_positions: np.ndarray | None = None
+        self._lo: Any = None
+
+    def _raise_non_finite(self) -> None:
+        raise ValueError(f"Fisher information of '{self.name}' has non-finite values (NaN or inf)")
 
     def check_finite(self) -> None:
-        if self.host is not None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                total = np.add.reduce(self.host)  # NaN and inf propagate; overflow is rechecked
-            ok = math.isfinite(float(total)) or bool(np.isfinite(self.host).all())
-        else:
-            ok = bool(jnp.isfinite(self.flat).all())
-        if not ok:
-            raise ValueError(
-                f"Fisher information of '{self.name}' has non-finite values (NaN or inf)"
-            )
+        """Raises if a value is NaN or inf (host leaves are checked during :meth:`bracket`)."""
+        if self.host is None and not bool(jnp.isfinite(self.flat).all()):
+            self._raise_non_finite()
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         if self.host is not None:
             return self.host[positions]
         return np.asarray(self.flat[jnp.asarray(positions)])
 
-    def bracket(self, lo: float, hi: float) -> tuple[int, np.ndarray]:
+    def bracket(self, lo: Any, hi: Any) -> tuple[int, np.ndarray]:
         """(number of values < lo, the values v with lo <= v <= hi).
 
-        On the host this also keeps ``value >= lo`` and the positions of the bracketed values, from
-        which :meth:`mask` finishes the final mask without another full pass.
+        On the host this streams over the leaf in cache-sized chunks, checks that every value is
+        finite, and keeps ``value >= lo`` and the positions of the bracketed values, from which
+        :meth:`mask` finishes the mask without another full pass.
         """
         if self.host is None:
             below = int(jnp.count_nonzero(self.flat < lo))
             inside = np.asarray(self.flat[(self.flat >= lo) & (self.flat <= hi)])
             return below, inside
         x = self.host
-        self._at_least_lo = np.greater_equal(x, lo)
-        below = self.size - int(np.count_nonzero(self._at_least_lo))
-        if x.dtype == np.float32 and lo > 0 and hi < np.inf:
-            # Positive float32 values order like their bit patterns, so one unsigned
-            # subtract-and-compare tests lo <= v <= hi (negatives and NaN wrap out of range).
-            lo_bits = np.float32(lo).view(np.uint32)
-            width = np.float32(hi).view(np.uint32) - lo_bits
-            in_bracket = np.subtract(x.view(np.uint32), lo_bits) <= width
-        else:
-            in_bracket = self._at_least_lo & (x <= hi)
-        self._bracket_positions = np.flatnonzero(in_bracket)
+        at_least_lo = np.empty(x.size, dtype=bool)
+        above_hi = np.empty(min(x.size, _CHUNK), dtype=bool)
+        below = 0
+        positions, values = [], []
+        for start in range(0, x.size, _CHUNK):
+            chunk = x[start : start + _CHUNK]
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not math.isfinite(float(np.add.reduce(chunk))):  # NaN/inf propagate
+                    if not np.isfinite(chunk).all():  # not just an overflowing sum
+                        self._raise_non_finite()
+            ge = np.greater_equal(chunk, lo, out=at_least_lo[start : start + _CHUNK])
+            below += chunk.size - int(np.count_nonzero(ge))
+            gt = np.greater(chunk, hi, out=above_hi[: chunk.size])
+            inside = np.logical_xor(ge, gt, out=gt)  # lo <= v <= hi, as v > hi implies v >= lo
+            found = np.flatnonzero(inside)
+            if found.size:
+                positions.append(found + start)
+                values.append(chunk[found])
+        self._at_least_lo = at_least_lo
+        self._bracket_positions = np.concatenate(positions) if positions else np.empty(0, np.intp)
         self._lo = lo
-        return below, x[self._bracket_positions]
+        return below, (np.concatenate(values) if values else np.empty(0, x.dtype))
 
     def mask(self, threshold: Any) -> jax.Array:
         if self.host is None:
             return self.value >= threshold
-        if getattr(self, "_lo", None) is not None and self._lo <= threshold:
+        if self._lo is not None and self._lo <= threshold:
             # value >= lo is already known; only bracketed values can fall in [lo, threshold).
             keep = self._at_least_lo
             positions = self._bracket_positions

@@ -72,16 +72,17 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 
 def _hash_uniform_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
-    """32 uniform random bits per element: ``mix(mix(index ^ seed[0]) ^ seed[1])``.
+    """32 uniform random bits per element: ``mix(index * (seed[1] | 1) + seed[0])``.
 
-    For a uniformly random seed, every element's word is exactly uniform over 2**32 values (each
-    step is a bijection), so a threshold test keeps an element with exactly the probability the
-    threshold says. Two keyed rounds decorrelate elements, leaves and steps. This fuses into the
-    optimizer's elementwise work, where per-element threefry costs several times AdamW on CPU.
+    For a uniformly random ``seed[0]`` every element's word is exactly uniform over 2**32 values
+    (the affine map and ``mix`` are bijections), so a threshold test keeps an element with exactly
+    the probability the threshold says. The random odd multiplier and the hash's avalanche
+    decorrelate neighbouring elements, leaves and steps. One hash per element fuses into the
+    optimizer's elementwise work; per-element threefry costs several times AdamW on CPU.
     """
     size = math.prod(shape)
     index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    return _mix32(_mix32(index ^ seed[0]) ^ seed[1])
+    return _mix32(index * (seed[1] | jnp.uint32(1)) + seed[0])
 
 
 def _keep_threshold(reserve_p: float) -> int:
@@ -102,10 +103,11 @@ def child_tuning_f(
     Sampling (``sampler``):
 
     * ``"hash"`` (default): for each step and leaf, two 32-bit seeds are drawn from ``key`` with
-      JAX's threefry; each element's 32 random bits are a keyed integer hash of its index (see
-      ``_hash_uniform_bits``). The element is kept when its bits fall below
-      ``t = round(reserve_p * 2**32)``, so ``p_eff = t / 2**32`` (within 2**-32 of ``reserve_p``).
-      This fuses into the optimizer update and costs little more than a multiply per element.
+      JAX's threefry; each element's 32 random bits are a keyed integer hash of its index,
+      ``lowbias32(index * (seed1 | 1) + seed0)`` (see ``_hash_uniform_bits``). The element is
+      kept when its bits fall below ``t = round(reserve_p * 2**32)``, so ``p_eff = t / 2**32``
+      (within 2**-32 of ``reserve_p``). This fuses into the optimizer update and costs a few
+      integer operations per element.
     * ``"jax"``: ``jax.random.bernoulli`` per leaf (threefry per element, slower on CPU), with
       ``p_eff = reserve_p``.
 
@@ -142,7 +144,8 @@ def child_tuning_f(
 
     def init_fn(params: Any) -> ChildTuningFState:
         del params
-        return ChildTuningFState(key=jnp.asarray(key_data))
+        # A fresh copy: a train step that donates the state must not delete the closure's key.
+        return ChildTuningFState(key=jnp.array(key_data, copy=True))
 
     def update_fn(updates, state, params=None):
         del params
@@ -255,14 +258,29 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
         shapes of the params. It is stored in the transform's state (one byte per parameter).
 
     Returns:
-      An ``optax.GradientTransformation``. ``init`` checks the mask against the params and raises a
-      ``ValueError`` that names the first differing path.
+      An ``optax.GradientTransformation``. ``init`` (call it outside ``jit``) returns a fresh copy
+      of the mask in the state, after checking it against the params: a ``ValueError`` names the
+      first differing path.
     """
     bool_mask = _as_bool_mask(mask)
+    # The transform keeps the mask as packed host bits (1/8 byte per parameter) and hands out a
+    # fresh device copy at each init: donating the optimizer state in a train step then deletes
+    # neither the transform's copy nor the caller's mask, and the device holds one mask.
+    treedef = jax.tree.structure(bool_mask)
+    packed = [(np.packbits(np.asarray(m)), np.shape(m)) for m in jax.tree.leaves(bool_mask)]
+    del bool_mask
+
+    def unpacked() -> Any:
+        leaves = [
+            jnp.asarray(np.unpackbits(bits, count=math.prod(shape)).astype(bool).reshape(shape))
+            for bits, shape in packed
+        ]
+        return jax.tree.unflatten(treedef, leaves)
 
     def init_fn(params: Any) -> ChildTuningDState:
-        _check_same_layout(bool_mask, params, "params")
-        return ChildTuningDState(mask=bool_mask)
+        mask = unpacked()
+        _check_same_layout(mask, params, "params")
+        return ChildTuningDState(mask=mask)
 
     def update_fn(updates, state, params=None):
         del params

@@ -144,6 +144,8 @@ def test_one_compiled_step_for_all_full_batches():
 
     ct.fisher_information(counting_loss, params, _batches([4, 4, 4, 4, 2]))
     assert len(traces) == 2  # one trace for the size-4 batches, one for the partial batch
+    ct.fisher_information(counting_loss, params, _batches([4, 4, 2], seed=1))
+    assert len(traces) == 2  # a second pass with the same loss_fn reuses the compiled steps
 
 
 def test_empty_batches_and_non_finite_values_are_errors():

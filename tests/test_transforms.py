@@ -240,3 +240,15 @@ def test_d_mask_mismatch_names_the_path():
 def test_d_rejects_non_boolean_mask():
     with pytest.raises(TypeError, match="'w'.*boolean"):
         ct.child_tuning_d({"w": np.array(["a", "b"])})
+
+
+@pytest.mark.parametrize("kind", ["F", "D"])
+def test_init_after_a_donated_step_still_works(kind):
+    params = {"w": jnp.ones((4,))}
+    mask = {"w": jnp.array([True, False, True, True])}
+    tx = ct.child_tuning_f(0.5, jax.random.key(0)) if kind == "F" else ct.child_tuning_d(mask)
+    step = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=1)
+    first, _ = step(params, tx.init(params))
+    second, _ = step(params, tx.init(params))  # the closure's key / mask were not donated away
+    np.testing.assert_array_equal(first["w"], second["w"])
+    np.testing.assert_array_equal(mask["w"], [True, False, True, True])  # caller's mask intact
