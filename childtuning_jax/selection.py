@@ -11,8 +11,8 @@ Algorithm (exact order statistics from a sample and one bracketing pass):
 1. The percentile is numpy's ``linear`` method: with ``n`` values and ``h = (n - 1) * q``, it needs
    the order statistics ``a[floor(h)]`` and ``a[floor(h) + 1]`` of the sorted values and
    interpolates between them with the same float operations numpy uses, in the values' dtype.
-2. A uniform random sample of the values (``2**16``) brackets those ranks between two sample values
-   ``lo <= hi`` placed six standard errors of the sample quantile to either side.
+2. A uniform random sample of the values (``2**18``) brackets those ranks between two sample values
+   ``lo <= hi`` placed five standard errors of the sample quantile to either side.
 3. One pass over the eligible leaves (in threads; NumPy releases the GIL) writes ``value >= lo``,
    counts the values below ``lo`` and gathers the values inside ``[lo, hi]`` with their positions.
    When the counts prove that both ranks lie inside the bracket, ``np.partition`` of the gathered
@@ -42,10 +42,10 @@ from childtuning_jax.transforms import check_reserve_p
 
 Where = Callable[[str], bool]
 
-_SAMPLE_SIZE = 2**16
-_BRACKET_SIGMAS = 6.0
+_SAMPLE_SIZE = 2**18
+_BRACKET_SIGMAS = 5.0
 _BRACKET_MARGIN = 2.0  # sample ranks added on each side
-_CHUNK = 1 << 16  # values per chunk of the host pass: temporaries stay in cache
+_CHUNK = 1 << 18  # values per chunk of the host pass: temporaries stay in cache
 
 
 def official_eligibility(name: str) -> bool:
