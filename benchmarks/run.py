@@ -1,0 +1,261 @@
+"""The benchmark suite's single entry point: ``python -m benchmarks.run`` (``make bench``).
+
+Runs every benchmark (or ``--only`` some), writes the raw numbers to
+``<out>/results/<stamp>-<suite>.json``, appends a section to ``<out>/RESULTS.md`` and redraws the
+plots next to it. ``--smoke`` runs tiny versions of everything (the CI test uses it) and writes to a
+temporary directory unless ``--out`` is given. ``--gpu`` runs the GPU profile instead (see
+:mod:`benchmarks.gpu_profile`).
+
+Benchmarks (see each module's docstring):
+
+* ``train_step`` -- ours (jit) vs the official PyTorch recipe, vanilla / F / D;
+* ``fisher_pass`` -- Fisher information pass vs a training epoch's forward + backward;
+* ``mask_selection`` -- ``fisher_mask`` vs the official ``np.append`` + ``np.percentile``;
+* ``optimizer_update`` -- ``chain(child_tuning_{f,d}, adamw)`` vs ``adamw``;
+* ``memory`` -- peak host memory of D and F runs vs vanilla (subprocesses);
+* ``pmap_scaling`` -- the trainer's pmapped step over 1, 2, 4 host devices (subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = (
+    "mask_selection",
+    "optimizer_update",
+    "train_step",
+    "fisher_pass",
+    "memory",
+    "pmap_scaling",
+)
+CPU_THREADS = 2
+
+
+def cpu_suite(smoke: bool) -> dict[str, Callable[[], Any]]:
+    """The CPU suite: benchmark name -> thunk returning its results."""
+    from benchmarks import (
+        common,
+        fisher_pass,
+        mask_selection,
+        memory,
+        optimizer_update,
+        pmap_scaling,
+        train_step,
+    )
+
+    shape = common.BERT_TINY if smoke else common.BERT_BASE
+    label = f"{shape.name}/float32"
+    threads = None if smoke else min(CPU_THREADS, os.cpu_count() or 1)
+    return {
+        "mask_selection": lambda: mask_selection.run(smoke=smoke),
+        "optimizer_update": lambda: {shape.name: optimizer_update.run(smoke=smoke)},
+        "train_step": lambda: {label: train_step.run(smoke=smoke, threads=threads)},
+        "fisher_pass": lambda: {label: fisher_pass.run(smoke=smoke)},
+        "memory": lambda: memory.run(
+            smoke=smoke, modes=("vanilla", "D") if smoke else ("vanilla", "D", "F")
+        ),
+        "pmap_scaling": lambda: pmap_scaling.run(smoke=smoke),
+    }
+
+
+def run_suite(
+    thunks: dict[str, Callable[[], Any]],
+    only: list[str] | None,
+    *,
+    background: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], list[str]]:
+    """Runs the selected thunks; a failing benchmark is recorded, not fatal to the others.
+
+    ``background`` benchmarks (subprocess ones, in smoke runs where timings do not matter) start
+    at once on a thread and are collected in their turn.
+    """
+    from benchmarks import common
+
+    selected = {name: thunk for name, thunk in thunks.items() if not only or name in only}
+    pool = ThreadPoolExecutor(max_workers=max(len(background), 1))
+    futures = {name: pool.submit(selected[name]) for name in background if name in selected}
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    for name, thunk in selected.items():
+        print(f"[benchmarks] {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            results[name] = futures[name].result() if name in futures else thunk()
+        except Exception as exc:  # noqa: BLE001 - record and go on with the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            errors.append(name)
+        print(f"[benchmarks] {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        common.reset_peak_rss()  # gc and return freed heap to the OS before the next one
+    pool.shutdown()
+    return results, errors
+
+
+def add_training_throughput(results: dict[str, Any]) -> None:
+    """Puts training throughput (ours, vanilla, from the train-step benchmark of the same run and
+    the same shapes) next to the Fisher pass's."""
+    for label, fisher in results.get("fisher_pass", {}).items():
+        train = results.get("train_step", {}).get(label, {})
+        same_shapes = all(train.get(k) == fisher.get(k) for k in ("batch_size", "seq_len"))
+        if "times" not in train or "fisher_per_batch_s" not in fisher or not same_shapes:
+            continue
+        step_s = train["times"]["ours/vanilla"]["median_s"]
+        fisher["examples_per_s"]["train_step (from train_step)"] = train["batch_size"] / step_s
+        fisher["fisher_per_batch_over_train_step"] = fisher["fisher_per_batch_s"] / step_s
+
+
+def write_outputs(record: dict[str, Any], out_dir: str, *, plots: bool = True) -> dict[str, str]:
+    """JSON under ``out_dir/results/``, a section appended to ``out_dir/RESULTS.md``, plots."""
+    from benchmarks import report
+
+    os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
+    stamp = record["started"].replace(":", "").replace("-", "").replace("+0000", "")
+    rel_json = f"results/{stamp}-{record['suite']}.json"
+    record["json"] = rel_json
+    with open(os.path.join(out_dir, rel_json), "w") as f:
+        json.dump(record, f, indent=1, sort_keys=False)
+        f.write("\n")
+    written = {"json": os.path.join(out_dir, rel_json)}
+    if plots:
+        written.update(draw_plots(record, out_dir))
+    results_md = os.path.join(out_dir, "RESULTS.md")
+    new_file = not os.path.exists(results_md)
+    with open(results_md, "a") as f:
+        if new_file:
+            f.write("# Benchmark results\n\nOne section per run of `python -m benchmarks.run`.\n\n")
+        f.write(report.markdown(record) + "\n")
+    written["results_md"] = results_md
+    return written
+
+
+def draw_plots(record: dict[str, Any], out_dir: str) -> dict[str, str]:
+    from benchmarks import plots
+
+    m = record["machine"]
+    where = f"{m.get('device_kind', '?')}, {m['cpu_count']} cores, {record['started'][:10]}"
+    suffix = "" if record["suite"] == "cpu" else f"_{record['suite']}"
+    written = {}
+    results = record["results"]
+    train = {k: v for k, v in results.get("train_step", {}).items() if "times" in v}
+    if train:
+        path = plots.step_times(
+            train, os.path.join(out_dir, f"step_time{suffix}.png"), f"Train step ({where})"
+        )
+        if path:
+            written["step_time_png"] = path
+    mask = results.get("mask_selection", {})
+    if "main" in mask:
+        path = plots.mask_selection(
+            mask,
+            os.path.join(out_dir, f"mask_selection{suffix}.png"),
+            f"Mask selection, p=0.3 ({where})",
+        )
+        if path:
+            written["mask_selection_png"] = path
+    return written
+
+
+def new_record(suite: str, argv: list[str]) -> dict[str, Any]:
+    from benchmarks import common
+
+    return {
+        "suite": suite,
+        "command": " ".join(["python -m benchmarks.run", *map(shlex.quote, argv)]),
+        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
+        "machine": common.machine_info(),
+        "load_start": list(os.getloadavg()),
+    }
+
+
+@contextlib.contextmanager
+def shared_compilation_cache() -> Iterator[None]:
+    """A persistent XLA compilation cache for this run and its subprocesses.
+
+    The memory subprocesses compile the same train and Fisher steps that the train-step and
+    Fisher benchmarks compiled before them; sharing the executables saves minutes. A cache that
+    is already configured (``JAX_COMPILATION_CACHE_DIR``, e.g. by the tests) is used as is;
+    otherwise a fresh temporary one, so the first-call (compile) times reported are real
+    compiles.
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="ctjax-bench-cache-") as directory:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        try:
+            yield
+        finally:
+            os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+            jax.config.update("jax_compilation_cache_dir", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description="Run the childtuning-jax benchmark suite.")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CI (< 1 min)")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU profile instead")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--out", default=None, help="where RESULTS.md, results/ and plots go")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="GPU profile time box")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    out_dir = args.out or (tempfile.mkdtemp(prefix="ctjax-bench-") if args.smoke else HERE)
+
+    if args.gpu:
+        from benchmarks import gpu_profile
+
+        return gpu_profile.main(
+            (["--smoke"] if args.smoke else [])
+            + ["--out", out_dir, "--budget-s", str(args.budget_s)]
+            + (["--only", args.only] if args.only else [])
+            + (["--no-plots"] if args.no_plots else []),
+            command=" ".join(["python -m benchmarks.run", *map(shlex.quote, argv)]),
+        )
+
+    record = new_record("smoke" if args.smoke else "cpu", argv)
+    start = time.perf_counter()
+    with shared_compilation_cache():
+        background = ("memory", "pmap_scaling") if args.smoke else ()
+        results, errors = run_suite(cpu_suite(args.smoke), only, background=background)
+    record.update(
+        results=results, duration_s=time.perf_counter() - start, load_end=list(os.getloadavg())
+    )
+    add_training_throughput(results)
+    written = write_outputs(record, out_dir, plots=not args.no_plots)
+    for key, path in written.items():
+        print(f"[benchmarks] wrote {key}: {path}")
+    if errors:
+        print(f"[benchmarks] FAILED: {', '.join(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

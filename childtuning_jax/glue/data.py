@@ -1,0 +1,162 @@
+"""Reading GLUE splits: the original TSV files, or the ``nyu-mll/glue`` dataset on the hub.
+
+The TSV files are read as the GLUE distribution writes them: tab-separated, UTF-8, no CSV quoting
+(RTE and MRPC contain bare ``"`` characters), MRPC's header behind a byte-order mark, CoLA without a
+header. Every row must have as many fields as the header; a row that does not, or whose label is
+not one of the task's labels, stops the reader with the file and line number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from childtuning_jax.glue.tasks import GlueTask
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+class GlueDataError(ValueError):
+    """A GLUE file or folder that cannot be read as the task expects."""
+
+
+class Examples(NamedTuple):
+    """The examples of one split, as parallel columns.
+
+    Attributes:
+      text_a: the first (or only) text of every example.
+      text_b: the second text of every example, ``None`` for single-sentence tasks.
+      labels: label ids (int32), or float32 targets for regression.
+    """
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def select(self, indices: np.ndarray) -> Examples:
+        """The examples at ``indices``, in that order."""
+        pick = lambda texts: None if texts is None else [texts[i] for i in indices]
+        return Examples(pick(self.text_a), pick(self.text_b), self.labels[np.asarray(indices)])
+
+
+def split_path(task: GlueTask, data_dir: str, filename: str) -> str:
+    """Path of ``filename`` in ``task``'s folder, checked to exist."""
+    if not os.path.isdir(data_dir):
+        raise GlueDataError(f"GLUE data folder {data_dir!r} does not exist.")
+    folder = os.path.join(data_dir, task.folder)
+    if not os.path.isdir(folder):
+        raise GlueDataError(
+            f"{data_dir!r} has no {task.folder}/ folder for task {task.name!r} "
+            "(expected the original GLUE layout, e.g. RTE/train.tsv)."
+        )
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+        raise GlueDataError(f"Missing file {path!r} for task {task.name!r}.")
+    return path
+
+
+def parse_label(task: GlueTask, value: str, where: str) -> float | int:
+    """The label id (or regression target) written as ``value``; ``where`` names the row."""
+    if task.is_regression:
+        try:
+            target = float(value)
+        except ValueError:
+            raise GlueDataError(f"{where}: label {value!r} is not a number.") from None
+        low, high = task.label_range or (-math.inf, math.inf)
+        if not low <= target <= high:
+            raise GlueDataError(f"{where}: label {value!r} is outside [{low:g}, {high:g}].")
+        return target
+    if value not in task.labels:
+        raise GlueDataError(
+            f"{where}: label {value!r} is not one of {task.name}'s labels {list(task.labels)}."
+        )
+    return task.labels.index(value)
+
+
+def read_tsv(task: GlueTask, path: str) -> Examples:
+    """Reads one split of ``task`` from the GLUE TSV file at ``path``."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":  # the file ends with a newline (CoLA's dev.tsv does not)
+        lines.pop()
+    lines = [line.removesuffix("\r") for line in lines]
+    first = 1
+    header = task.header
+    if header is None:
+        if not lines:
+            raise GlueDataError(f"{path}: empty file, expected a header line.")
+        header = tuple(lines[0].split("\t"))
+        first = 2
+        lines = lines[1:]
+    columns = [*task.text_columns, task.label_column]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise GlueDataError(
+            f"{path}:1: header {list(header)} lacks column(s) {missing} of task {task.name!r}."
+        )
+    index = [header.index(c) for c in columns]
+    texts: list[list[str]] = [[] for _ in task.text_columns]
+    labels = []
+    for lineno, line in enumerate(lines, start=first):
+        fields = line.split("\t")
+        where = f"{path}:{lineno}"
+        if len(fields) != len(header):
+            raise GlueDataError(
+                f"{where}: malformed row, {len(fields)} tab-separated field(s) where "
+                f"{len(header)} were expected."
+            )
+        for column, i in zip(texts, index[:-1], strict=True):
+            column.append(fields[i])
+        labels.append(parse_label(task, fields[index[-1]], where))
+    if not labels:
+        raise GlueDataError(f"{path}: no examples.")
+    dtype = np.float32 if task.is_regression else np.int32
+    return Examples(texts[0], texts[1] if len(texts) > 1 else None, np.asarray(labels, dtype))
+
+
+def load_tsv_splits(task: GlueTask, data_dir: str) -> tuple[Examples, list[Examples]]:
+    """The training split and every dev split of ``task`` from a GLUE folder.
+
+    All paths are checked before anything is read, so a missing dev file is reported at once.
+    """
+    paths = [
+        split_path(task, data_dir, f) for f in ("train.tsv", *(d.filename for d in task.dev_sets))
+    ]
+    train, *dev = (read_tsv(task, p) for p in paths)
+    return train, dev
+
+
+def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
+    """The training split and every dev split of ``task`` from the ``nyu-mll/glue`` hub dataset."""
+    import datasets  # only needed here
+
+    ds = datasets.load_dataset(HUB_DATASET, task.name)
+    columns = task.hub_text_columns or task.text_columns
+    if not task.is_regression:
+        names = ds["train"].features["label"].names
+        if len(names) != len(task.labels):
+            raise GlueDataError(
+                f"{HUB_DATASET}/{task.name} has labels {names}; "
+                f"expected {len(task.labels)} classes."
+            )
+
+    def convert(split: str) -> Examples:
+        d = ds[split]
+        labels = np.asarray(d["label"], np.float32 if task.is_regression else np.int32)
+        if not task.is_regression and ((labels < 0) | (labels >= task.num_labels)).any():
+            raise GlueDataError(f"{HUB_DATASET}/{task.name}[{split}] has unlabelled examples.")
+        text_b = list(d[columns[1]]) if len(columns) > 1 else None
+        return Examples(list(d[columns[0]]), text_b, labels)
+
+    return convert("train"), [convert(s.hub_split) for s in task.dev_sets]
+
+
+def load_splits(task: GlueTask, data_dir: str | None) -> tuple[Examples, list[Examples]]:
+    """``task``'s training and dev splits from ``data_dir``, or from the hub if it is empty."""
+    return load_tsv_splits(task, data_dir) if data_dir else load_hub_splits(task)

@@ -1,0 +1,44 @@
+"""GLUE's metrics, computed with scikit-learn and SciPy under GLUE's own names.
+
+CoLA: ``matthews_correlation``; MRPC and QQP: ``accuracy`` and ``f1`` (of the positive class);
+STS-B: ``pearson`` and ``spearmanr``; every other task: ``accuracy``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from childtuning_jax.glue.tasks import GlueTask
+
+
+def predictions(task: GlueTask, logits: np.ndarray) -> np.ndarray:
+    """Predicted label ids (argmax), or the regression output itself, from model outputs."""
+    logits = np.asarray(logits)
+    if task.is_regression:
+        return logits.reshape(len(logits), -1)[:, 0].astype(np.float64)
+    return logits.argmax(axis=-1)
+
+
+def compute_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's metrics of ``task`` for predictions ``preds`` (see :func:`predictions`)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.shape != labels.shape:
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels.")
+    out: dict[str, float] = {}
+    for name in task.metrics:
+        if name == "matthews_correlation":
+            value = skm.matthews_corrcoef(labels, preds)
+        elif name == "accuracy":
+            value = skm.accuracy_score(labels, preds)
+        elif name == "f1":
+            value = skm.f1_score(labels, preds)
+        elif name == "pearson":
+            value = stats.pearsonr(preds, labels)[0]
+        elif name == "spearmanr":
+            value = stats.spearmanr(preds, labels)[0]
+        else:
+            raise ValueError(f"Unknown GLUE metric {name!r}.")
+        out[name] = float(value)
+    return out

@@ -1,0 +1,349 @@
+"""The Transformer encoder shared by BERT and RoBERTa, written as Flax NNX modules.
+
+Module and attribute names mirror Hugging Face ``transformers`` (``encoder/layer/3/attention/self/
+query``), so parameter names read like PyTorch state-dict keys and the official Child-Tuning-D
+eligibility rule (the name contains ``layer``) selects exactly the encoder layers.
+
+Parameters are float32; ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``). Dropout holds no
+hidden RNG state: every call takes an explicit ``dropout_rng`` key (``None`` = evaluation), so a
+model split with ``nnx.split`` stays a pure function under ``jax.jit`` and ``jax.pmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Key = jax.Array | None
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def check_config(config: Any) -> None:
+    """Raises ``ValueError`` for a ``transformers`` config this encoder cannot reproduce."""
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} is not a multiple of "
+            f"num_attention_heads={config.num_attention_heads}"
+        )
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"Unsupported hidden_act={config.hidden_act!r}; supported: {sorted(ACTIVATIONS)}"
+        )
+    kind = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if kind != "absolute":
+        raise ValueError(f"Unsupported position_embedding_type={kind!r}; only 'absolute'")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("Decoder / cross-attention configs are not supported (encoder only)")
+
+
+class FrozenConfig:
+    """A ``transformers`` config held as a static, hashable NNX attribute.
+
+    ``transformers`` configs define ``__eq__`` but no hash, and NNX graph definitions (the static
+    half of ``nnx.split``, keys of ``nnx.jit``'s cache) must hash. Equality and hash follow the
+    config's JSON at construction; treat the config as read-only afterwards.
+    """
+
+    __slots__ = ("config", "_json")
+
+    def __init__(self, config: Any):
+        self.config = config
+        self._json = config.to_json_string(use_diff=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FrozenConfig) and self._json == other._json
+
+    def __hash__(self) -> int:
+        return hash(self._json)
+
+    def __repr__(self) -> str:
+        return f"FrozenConfig({type(self.config).__name__})"
+
+
+def take(keys: Key, index: int | slice) -> Key:
+    """``keys[index]``; ``None`` (evaluation) stays ``None``.
+
+    A call splits its ``dropout_rng`` once into one key per dropout site (one PRNG call, cheaper
+    to compile than a key derivation per site) and hands each module the keys of its sites.
+    """
+    return None if keys is None else keys[index]
+
+
+def dropout(x: Array, rate: float, key: Key) -> Array:
+    """Inverted dropout, as ``torch.nn.Dropout`` in training; identity when ``key`` is ``None``."""
+    if key is None or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def linear(n_in: int, n_out: int, config: Any, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    """``nn.Linear`` as Hugging Face initialises it: N(0, initializer_range) weight, zero bias."""
+    return nnx.Linear(
+        n_in,
+        n_out,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def layer_norm(config: Any, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch (Flax's default E[x^2] - E[x]^2 loses precision).
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def embedding(
+    num: int, config: Any, dtype: Any, rngs: nnx.Rngs, padding_idx: int | None
+) -> nnx.Embed:
+    """``nn.Embedding`` as Hugging Face initialises it (the padding row, if any, is zero)."""
+    embed = nnx.Embed(
+        num,
+        config.hidden_size,
+        embedding_init=nnx.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+    if padding_idx is not None and 0 <= padding_idx < num:
+        embed.embedding[...] = embed.embedding[...].at[padding_idx].set(0.0)
+    return embed
+
+
+class Embeddings(nnx.Module):
+    """Word + absolute position + token-type embeddings, LayerNorm and dropout.
+
+    ``roberta_positions=True`` numbers positions as RoBERTa does: from ``pad_token_id + 1``,
+    skipping padding tokens (which get position ``pad_token_id``).
+    """
+
+    def __init__(self, config: Any, *, roberta_positions: bool, dtype: Any, rngs: nnx.Rngs):
+        pad = config.pad_token_id
+        self.word_embeddings = embedding(config.vocab_size, config, dtype, rngs, pad)
+        self.position_embeddings = embedding(
+            config.max_position_embeddings, config, dtype, rngs, pad if roberta_positions else None
+        )
+        self.token_type_embeddings = embedding(config.type_vocab_size, config, dtype, rngs, None)
+        self.LayerNorm = layer_norm(config, dtype, rngs)
+        self.roberta_positions = roberta_positions
+        self.pad_token_id = pad
+        self.max_positions = config.max_position_embeddings
+        self.rate = config.hidden_dropout_prob
+
+    def position_ids(self, input_ids: Array) -> Array:
+        length = input_ids.shape[1]
+        if self.roberta_positions:
+            last = length + self.pad_token_id
+            if last >= self.max_positions:
+                raise ValueError(
+                    f"Sequence length {length} needs position {last}, beyond "
+                    f"max_position_embeddings={self.max_positions}"
+                )
+            not_pad = (input_ids != self.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(not_pad, axis=1) * not_pad + self.pad_token_id
+        if length > self.max_positions:
+            raise ValueError(
+                f"Sequence length {length} exceeds max_position_embeddings={self.max_positions}"
+            )
+        return jnp.broadcast_to(jnp.arange(length), input_ids.shape)
+
+    def __call__(self, input_ids: Array, token_type_ids: Array | None, key: Key) -> Array:
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        positions = self.position_ids(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(positions)
+        )
+        return dropout(self.LayerNorm(x), self.rate, key)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention projections and the attention itself (HF ``attention.self``).
+
+    Without attention dropout (evaluation, or a zero rate) attention goes through
+    ``jax.nn.dot_product_attention``, which XLA may lower to a fused kernel on GPU. With
+    attention-probability dropout in training (which that function lacks) the probabilities are
+    computed explicitly, in float32, and dropped as ``transformers`` does.
+    """
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.query = linear(hidden, hidden, config, dtype, rngs)
+        self.key = linear(hidden, hidden, config, dtype, rngs)
+        self.value = linear(hidden, hidden, config, dtype, rngs)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // config.num_attention_heads
+        self.rate = config.attention_probs_dropout_prob
+
+    def __call__(self, x: Array, mask: Array, key: Key) -> Array:
+        batch, length, _ = x.shape
+        split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        if key is None or self.rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask, logits / math.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
+            probs = dropout(jax.nn.softmax(logits, axis=-1), self.rate, key)
+            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        return out.reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class DenseOutput(nnx.Module):
+    """Dense, dropout, residual add and LayerNorm (HF ``attention.output`` and ``output``)."""
+
+    def __init__(self, n_in: int, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.dense = linear(n_in, config.hidden_size, config, dtype, rngs)
+        self.LayerNorm = layer_norm(config, dtype, rngs)
+        self.rate = config.hidden_dropout_prob
+
+    def __call__(self, x: Array, residual: Array, key: Key) -> Array:
+        return self.LayerNorm(dropout(self.dense(x), self.rate, key) + residual)
+
+
+class Attention(nnx.Module):
+    """Self-attention followed by its output block (HF ``attention``)."""
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.self = SelfAttention(config, dtype=dtype, rngs=rngs)
+        self.output = DenseOutput(config.hidden_size, config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array, keys: Key) -> Array:
+        return self.output(self.self(x, mask, take(keys, 0)), x, take(keys, 1))
+
+
+class Intermediate(nnx.Module):
+    """The feed-forward expansion and activation (HF ``intermediate``)."""
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.dense = linear(config.hidden_size, config.intermediate_size, config, dtype, rngs)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x: Array) -> Array:
+        return ACTIVATIONS[self.hidden_act](self.dense(x))
+
+
+class Layer(nnx.Module):
+    """One post-LayerNorm Transformer encoder layer (HF ``encoder.layer.N``)."""
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.attention = Attention(config, dtype=dtype, rngs=rngs)
+        self.intermediate = Intermediate(config, dtype=dtype, rngs=rngs)
+        self.output = DenseOutput(config.intermediate_size, config, dtype=dtype, rngs=rngs)
+
+    num_keys = 3  # dropout sites: attention probabilities, attention output, output
+
+    def __call__(self, x: Array, mask: Array, keys: Key) -> Array:
+        x = self.attention(x, mask, take(keys, slice(0, 2)))
+        return self.output(self.intermediate(x), x, take(keys, 2))
+
+
+class Encoder(nnx.Module):
+    """The stack of ``num_hidden_layers`` layers (HF ``encoder``)."""
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.layer = nnx.List(
+            [Layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(self, x: Array, attention_mask: Array, keys: Key) -> Array:
+        """``keys``: ``Layer.num_keys`` dropout keys per layer, layer after layer."""
+        # (batch, seq) -> (batch, heads=1, query=1, key=seq), True where attention is allowed.
+        mask = (attention_mask != 0)[:, None, None, :]
+        n = Layer.num_keys
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, take(keys, slice(n * i, n * (i + 1))))
+        return x
+
+
+class Pooler(nnx.Module):
+    """Dense + tanh on the first token (HF BERT ``pooler``)."""
+
+    def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+        self.dense = linear(config.hidden_size, config.hidden_size, config, dtype, rngs)
+
+    def __call__(self, hidden: Array) -> Array:
+        return jnp.tanh(self.dense(hidden[:, 0]))
+
+
+class EncoderModel(nnx.Module):
+    """Embeddings + encoder (+ BERT's pooler): HF ``BertModel`` / ``RobertaModel``."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        roberta_positions: bool,
+        add_pooling_layer: bool,
+        dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.embeddings = Embeddings(
+            config, roberta_positions=roberta_positions, dtype=dtype, rngs=rngs
+        )
+        self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
+        self.pooler = Pooler(config, dtype=dtype, rngs=rngs) if add_pooling_layer else None
+        self.num_keys = 1 + Layer.num_keys * config.num_hidden_layers
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None,
+        token_type_ids: Array | None,
+        keys: Key,
+    ) -> tuple[Array, Array | None]:
+        """Returns the last hidden states and, with a pooler, the pooled first token.
+
+        ``keys``: ``self.num_keys`` dropout keys, or ``None`` in evaluation.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, take(keys, 0))
+        x = self.encoder(x, attention_mask, take(keys, slice(1, None)))
+        return x, None if self.pooler is None else self.pooler(x)
+
+
+def dropout_keys(
+    config: Any, deterministic: bool, dropout_rng: Key, num: int, rates: tuple[float, ...] = ()
+) -> Key:
+    """``num`` dropout keys split from ``dropout_rng`` for one call; ``None`` in evaluation mode.
+
+    Raises ``ValueError`` in training mode (``deterministic=False``) without ``dropout_rng`` when
+    any dropout rate is non-zero.
+    """
+    if deterministic:
+        return None
+    active = max((config.hidden_dropout_prob, config.attention_probs_dropout_prob, *rates))
+    if dropout_rng is None:
+        if active > 0.0:
+            raise ValueError("deterministic=False needs a dropout_rng key (dropout is active)")
+        return None
+    return jax.random.split(dropout_rng, num)

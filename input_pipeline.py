@@ -1,0 +1,120 @@
+"""GLUE input pipeline for train.py: load, subset, tokenise, and cut into fixed-shape batches.
+
+Every batch has exactly the global batch size, so the pmapped steps compile once. A short last
+batch is filled up with copies of its first example whose ``weights`` are 0: training then averages
+the loss over the real examples only (nothing is dropped, as in the Hugging Face Trainer), and
+evaluation scores every dev example exactly once.
+
+The order of the training examples in epoch ``e`` is a pure function of ``(seed, e)``, so a resumed
+run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from childtuning_jax import glue
+
+Batch = dict[str, np.ndarray]
+
+
+class GlueData(NamedTuple):
+    """Tokenised training and dev sets of one task (``dev`` parallels ``task.dev_sets``)."""
+
+    task: glue.GlueTask
+    train: Batch
+    dev: list[Batch]
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train["labels"])
+
+
+def subset_indices(num_examples: int, max_samples: int, seed: int) -> np.ndarray:
+    """A seeded random subset of ``max_samples`` example indices, in file order (all if <= 0)."""
+    if max_samples <= 0 or max_samples >= num_examples:
+        return np.arange(num_examples)
+    chosen = np.random.default_rng(seed).choice(num_examples, max_samples, replace=False)
+    return np.sort(chosen)
+
+
+def load_examples(
+    config: ml_collections.ConfigDict, task: glue.GlueTask
+) -> tuple[glue.Examples, list[glue.Examples]]:
+    """Reads (and subsets) the task's training and dev examples, before any tokenisation."""
+    train, dev = glue.load_splits(task, config.data_dir or None)
+    train = train.select(subset_indices(len(train), config.max_train_samples, config.seed))
+    if config.max_eval_samples > 0:
+        dev = [d.select(np.arange(min(len(d), config.max_eval_samples))) for d in dev]
+    return train, dev
+
+
+def tokenize_all(
+    train: glue.Examples, dev: list[glue.Examples], task: glue.GlueTask, tokenizer: Any, length: int
+) -> GlueData:
+    """Tokenises every split to ``length`` tokens."""
+    return GlueData(
+        task,
+        glue.tokenize(train, tokenizer, length),
+        [glue.tokenize(d, tokenizer, length) for d in dev],
+    )
+
+
+TRAIN_STREAM, FISHER_STREAM = 0, 1
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int, stream: int = TRAIN_STREAM) -> np.ndarray:
+    """The order of the examples in ``epoch``: a permutation seeded by (seed, stream, epoch).
+
+    ``stream`` separates the training epochs from the Fisher pass (``FISHER_STREAM``).
+    """
+    return np.random.default_rng([seed, stream, epoch]).permutation(num_examples)
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    return -(-num_examples // batch_size)
+
+
+def take(features: Batch, indices: np.ndarray, batch_size: int) -> Batch:
+    """The examples at ``indices`` as one batch of ``batch_size`` rows, with 0/1 ``weights``.
+
+    Missing rows are copies of the first example (real tokens, so no fully masked sequence) with
+    weight 0.
+    """
+    num_real = len(indices)
+    padded = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
+    batch = {k: v[padded] for k, v in features.items()}
+    batch["weights"] = (np.arange(batch_size) < num_real).astype(np.float32)
+    return batch
+
+
+def train_batches(
+    features: Batch, order: np.ndarray, batch_size: int, start: int = 0
+) -> Iterator[Batch]:
+    """The batches of one epoch in ``order``, from batch index ``start`` on."""
+    for i in range(start, num_batches(len(order), batch_size)):
+        yield take(features, order[i * batch_size : (i + 1) * batch_size], batch_size)
+
+
+def eval_batches(features: Batch, batch_size: int) -> Iterator[Batch]:
+    """Every example of a dev set once, in file order."""
+    return train_batches(features, np.arange(len(features["labels"])), batch_size)
+
+
+def fisher_batches(
+    features: Batch, order: np.ndarray, batch_size: int, num_devices: int
+) -> Iterator[Batch]:
+    """Batches for the Fisher pass, padded like training batches, for a summed loss.
+
+    ``weights`` are ``num_devices / n_real`` on real rows and 0 on padding, so that
+    ``sum(weights * loss)`` on each device, averaged over the devices (as ``fisher_information``
+    does), is the mean loss over the batch's real examples: a short last batch keeps its own
+    mean, as in the official code, without a second compilation for its shape.
+    """
+    for batch in train_batches(features, order, batch_size):
+        batch["weights"] *= num_devices / batch["weights"].sum()
+        yield batch

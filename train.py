@@ -1,0 +1,43 @@
+"""Fine-tunes a BERT/RoBERTa checkpoint on a GLUE task with vanilla AdamW, ChildTuning-F or -D.
+
+  python train.py --config=configs/rte.py --config.mode=D \
+      --config.data_dir=../shared/glue --config.output_dir=runs/rte_D
+
+Every key of the configuration (see configs/glue.py) can be overridden as ``--config.KEY=VALUE``.
+The run writes checkpoints, ``metrics.jsonl``, ``results.json`` (and for ChildTuning-D
+``mask_summary.json``) to ``output_dir``; ``--config.resume=true`` continues from its newest
+checkpoint.
+"""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/glue.py", "Training configuration (a configs/*.py file).", lock_config=True
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    outcome = train_lib.train_and_evaluate(_CONFIG.value)
+    if outcome is None:
+        print(f"Stopped after step {_CONFIG.value.stop_after_steps}; resume to continue.")
+        return
+    results, _ = outcome
+    summary = {k: results[k] for k in ("task", "mode", "reserve_p", "steps", "eval", "best")}
+    summary.update({k: round(results[k], 1) for k in ("train_time_s", "eval_time_s")})
+    if results["fisher_time_s"] is not None:
+        summary["fisher_time_s"] = round(results["fisher_time_s"], 1)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
