@@ -228,19 +228,19 @@ def _check_same_layout(mask: Any, tree: Any, tree_name: str) -> None:
 
 
 def _as_bool_mask(mask: Any) -> Any:
-    def convert(name: str, leaf: Any) -> jax.Array:
+    """The mask as host NumPy bool arrays (0/1 numbers accepted), checked leaf by leaf."""
+
+    def convert(name: str, leaf: Any) -> np.ndarray:
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise TypeError(f"mask leaf '{name}' must be an array, got {type(leaf).__name__}")
-        if leaf.dtype == jnp.bool_:
-            return jnp.asarray(leaf)
-        if not (
-            jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.floating)
-        ):
-            raise TypeError(f"mask leaf '{name}' must be boolean, got dtype {leaf.dtype}")
         values = np.asarray(leaf)
+        if values.dtype == np.bool_:
+            return values
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"mask leaf '{name}' must be boolean, got dtype {leaf.dtype}")
         if not np.isin(values, (0, 1)).all():
             raise ValueError(f"mask leaf '{name}' must hold only 0/1 or booleans")
-        return jnp.asarray(values.astype(bool))
+        return values.astype(bool)
 
     return paths.map_with_name(convert, mask)
 
@@ -267,7 +267,7 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     # fresh device copy at each init: donating the optimizer state in a train step then deletes
     # neither the transform's copy nor the caller's mask, and the device holds one mask.
     treedef = jax.tree.structure(bool_mask)
-    packed = [(np.packbits(np.asarray(m)), np.shape(m)) for m in jax.tree.leaves(bool_mask)]
+    packed = [(np.packbits(m), m.shape) for m in jax.tree.leaves(bool_mask)]
     del bool_mask
 
     def unpacked() -> Any:
