@@ -349,6 +349,28 @@ def compute_child_mask(
     return fisher_mask(fisher, reserve_p)
 
 
+def uniform_leaf_names(mask: Any) -> list[str]:
+    """Names of the mask's all-True or all-False leaves (``child_tuning_d`` stores them 0-d)."""
+    return [
+        name
+        for name, leaf in zip(paths.leaf_names(mask), jax.tree.leaves(mask), strict=True)
+        if np.all(leaf) or not np.any(leaf)
+    ]
+
+
+def template_child_mask(params: Any, uniform_leaves: Sequence[str]) -> Any:
+    """A stand-in mask whose ``child_tuning_d`` state has the layout of a saved one (restore
+    target): all True on the ``uniform_leaves``, mixed elsewhere. The checkpoint holds the mask."""
+
+    def leaf(name: str, param: Any) -> np.ndarray:
+        mask = np.ones(np.shape(param), bool)
+        if name not in uniform_leaves:
+            mask.flat[0] = False
+        return mask
+
+    return paths.map_with_name(leaf, params)
+
+
 def mask_summary(mask: Any, reserve_p: float) -> dict[str, Any]:
     """Kept fraction of the child network overall, per encoder layer, and per parameter."""
     kept: dict[str, list[int]] = {}
@@ -410,6 +432,14 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
         ),
         force=True,
     )
+
+
+def restore_meta(manager: ocp.CheckpointManager) -> dict | None:
+    """The newest checkpoint's JSON bookkeeping alone, or ``None`` if there is no checkpoint."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
 def restore_checkpoint(
@@ -546,8 +576,10 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     bookkeeping. Otherwise step 0, after the Fisher pass for ChildTuning-D.
     """
     config, params = run.config, run.params
-    if config.resume:
-        template_mask = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    saved_meta = restore_meta(run.manager) if config.resume else None
+    if saved_meta is not None:
+        uniform = saved_meta.get("d_mask_uniform_leaves", [])
+        template_mask = template_child_mask(params, uniform)
         tx = make_optimizer(config, params, run.schedule, run.reserve_p, mask=template_mask)
         template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
         restored = restore_checkpoint(run.manager, template)
@@ -563,6 +595,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
         start = time.perf_counter()
         mask = compute_child_mask(config, run.model, params, run.data, run.reserve_p, run.devices)
         meta["fisher_time_s"] = time.perf_counter() - start
+        meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
         summary = mask_summary(mask, run.reserve_p)
         summary["fisher_time_s"] = meta["fisher_time_s"]
         write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)

@@ -88,6 +88,9 @@ def _mask_lines(r: dict[str, Any]) -> list[str]:
 def _optimizer_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for label, r in results.items():
+        if "error" in r:
+            lines.append(f"- optimizer update {label}: ERROR {r['error']}")
+            continue
         t = ", ".join(f"{k} {v['median_s'] * 1e3:.3g} ms" for k, v in r["times"].items())
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_to_adamw"].items())
         lines.append(f"- optimizer update {label} ({r['params'] / 1e6:.1f} M params): {t}")

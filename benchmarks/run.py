@@ -120,18 +120,24 @@ def add_training_throughput(results: dict[str, Any]) -> None:
         fisher["fisher_per_batch_over_train_step"] = fisher["fisher_per_batch_s"] / step_s
 
 
+def write_json(record: dict[str, Any], out_dir: str) -> str:
+    """Writes (or rewrites) ``out_dir/results/<stamp>-<suite>.json``; returns its path."""
+    os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
+    stamp = record["started"].replace(":", "").replace("-", "").replace("+0000", "")
+    record["json"] = f"results/{stamp}-{record['suite']}.json"
+    path = os.path.join(out_dir, record["json"])
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)  # a reader (or a kill) never sees half a file
+    return path
+
+
 def write_outputs(record: dict[str, Any], out_dir: str, *, plots: bool = True) -> dict[str, str]:
     """JSON under ``out_dir/results/``, a section appended to ``out_dir/RESULTS.md``, plots."""
     from benchmarks import report
 
-    os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
-    stamp = record["started"].replace(":", "").replace("-", "").replace("+0000", "")
-    rel_json = f"results/{stamp}-{record['suite']}.json"
-    record["json"] = rel_json
-    with open(os.path.join(out_dir, rel_json), "w") as f:
-        json.dump(record, f, indent=1, sort_keys=False)
-        f.write("\n")
-    written = {"json": os.path.join(out_dir, rel_json)}
+    written = {"json": write_json(record, out_dir)}
     if plots:
         written.update(draw_plots(record, out_dir))
     results_md = os.path.join(out_dir, "RESULTS.md")

@@ -184,14 +184,23 @@ class ChildTuningDState(NamedTuple):
     """State of :func:`child_tuning_d`: the fixed boolean mask, a pytree like the params.
 
     Kept in the state (not closed over as a constant) so it is checkpointed with the optimizer and
-    replicated or sharded like any other optimizer state.
+    replicated or sharded like any other optimizer state. A leaf whose mask is uniform (all True,
+    like the embeddings, pooler and classifier that ChildTuning-D always trains, or all False) is
+    stored as a 0-d bool that broadcasts over the gradient; every other leaf has the param's shape.
     """
 
     mask: Any
 
 
-def _check_same_layout(mask: Any, tree: Any, tree_name: str) -> None:
-    """Raises naming the first path where ``mask`` and ``tree`` differ in structure or shape."""
+def _shape(leaf: Any) -> tuple[int, ...]:
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+
+
+def _check_same_layout(mask: Any, tree: Any, tree_name: str, *, allow_scalar: bool = False) -> None:
+    """Raises naming the first path where ``mask`` and ``tree`` differ in structure or shape.
+
+    With ``allow_scalar`` a 0-d mask leaf (a uniform leaf of a ChildTuning-D state) fits any shape.
+    """
     mask_leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
     tree_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     mask_names = [paths.keypath_to_str(p) for p, _ in mask_leaves]
@@ -202,9 +211,9 @@ def _check_same_layout(mask: Any, tree: Any, tree_name: str) -> None:
                 f"mask and {tree_name} differ in structure at leaf {i}: the mask has "
                 f"'{mask_name}' where the {tree_name} have '{tree_name_i}'"
             )
-        mask_shape = np.shape(mask_leaves[i][1])
-        tree_shape = np.shape(tree_leaves[i][1])
-        if mask_shape != tree_shape:
+        mask_shape = _shape(mask_leaves[i][1])
+        tree_shape = _shape(tree_leaves[i][1])
+        if mask_shape != tree_shape and not (allow_scalar and mask_shape == ()):
             raise ValueError(
                 f"mask leaf '{mask_name}' has shape {mask_shape} but the {tree_name} leaf has "
                 f"shape {tree_shape}"
@@ -255,7 +264,8 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
 
     Args:
       mask: a pytree of boolean arrays (0/1 numbers are accepted) with the structure and leaf
-        shapes of the params. It is stored in the transform's state (one byte per parameter).
+        shapes of the params. It is stored in the transform's state: one byte per parameter,
+      except that a uniform leaf (all True or all False) is stored as a single 0-d bool.
 
     Returns:
       An ``optax.GradientTransformation``. ``init`` (call it outside ``jit``) returns a fresh copy
@@ -263,28 +273,42 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
       first differing path.
     """
     bool_mask = _as_bool_mask(mask)
-    # The transform keeps the mask as packed host bits (1/8 byte per parameter) and hands out a
-    # fresh device copy at each init: donating the optimizer state in a train step then deletes
-    # neither the transform's copy nor the caller's mask, and the device holds one mask.
+    # The transform keeps the mask on the host (packed bits, 1/8 byte per parameter) and hands out
+    # a fresh device copy at each init: donating the optimizer state in a train step then deletes
+    # neither the transform's copy nor the caller's mask, and the device holds one mask. Uniform
+    # leaves become 0-d bools, so the update reads no mask bytes for them (about a fifth of
+    # BERT-base's parameters are embeddings, always trained).
     treedef = jax.tree.structure(bool_mask)
-    packed = [(np.packbits(m), m.shape) for m in jax.tree.leaves(bool_mask)]
+    full_shapes = [m.shape for m in jax.tree.leaves(bool_mask)]
+    stored = [
+        (np.bool_(m.flat[0]), ())
+        if m.size and (m.all() or not m.any())
+        else (np.packbits(m), m.shape)
+        for m in jax.tree.leaves(bool_mask)
+    ]
     del bool_mask
 
-    def unpacked() -> Any:
+    def device_copy() -> Any:
         leaves = [
-            jnp.asarray(np.unpackbits(bits, count=math.prod(shape)).astype(bool).reshape(shape))
-            for bits, shape in packed
+            jnp.asarray(bits)
+            if shape == ()
+            else jnp.asarray(
+                np.unpackbits(bits, count=math.prod(shape)).astype(bool).reshape(shape)
+            )
+            for bits, shape in stored
         ]
         return jax.tree.unflatten(treedef, leaves)
 
     def init_fn(params: Any) -> ChildTuningDState:
-        mask = unpacked()
-        _check_same_layout(mask, params, "params")
-        return ChildTuningDState(mask=mask)
+        full_layout = jax.tree.unflatten(
+            treedef, [jax.ShapeDtypeStruct(shape, jnp.bool_) for shape in full_shapes]
+        )
+        _check_same_layout(full_layout, params, "params")
+        return ChildTuningDState(mask=device_copy())
 
     def update_fn(updates, state, params=None):
         del params
-        _check_same_layout(state.mask, updates, "updates")
+        _check_same_layout(state.mask, updates, "updates", allow_scalar=True)
         masked = jax.tree.map(
             lambda g, keep: jnp.where(keep, g, jnp.zeros((), g.dtype)), updates, state.mask
         )

@@ -188,6 +188,30 @@ def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
         ct.child_tuning_d({"w": np.full((3, 2), 2)})
 
 
+def test_d_stores_uniform_leaves_as_scalars_that_the_state_decides():
+    params = {"emb": jnp.ones((5, 4)), "layer": jnp.ones((3, 2)), "off": jnp.ones((2,))}
+    mask = {
+        "emb": np.ones((5, 4), bool),
+        "layer": np.array([[1, 0], [0, 1], [1, 1]], bool),
+        "off": np.zeros((2,), bool),
+    }
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    tx = ct.child_tuning_d(mask)
+    state = tx.init(params)
+    assert state.mask["emb"].shape == () and bool(state.mask["emb"])
+    assert state.mask["off"].shape == () and not bool(state.mask["off"])
+    assert state.mask["layer"].shape == (3, 2)
+    out, _ = jax.jit(tx.update)(grads, state)
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(out[name]), np.where(mask[name], 0.5, 0.0))
+    # The state, not the transform's closure, decides: a state whose uniform leaf says False.
+    edited = ct.ChildTuningDState(mask={**state.mask, "emb": jnp.asarray(False)})
+    out, _ = jax.jit(tx.update)(grads, edited)
+    np.testing.assert_array_equal(np.asarray(out["emb"]), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="'layer'"):
+        tx.update({**grads, "layer": jnp.ones((2, 3))}, state)
+
+
 def test_d_official_order_adam_sees_masked_grads_and_decay_hits_all():
     params = {"layer": jnp.full((4,), 2.0)}
     mask = {"layer": jnp.array([True, False, True, False])}
