@@ -154,18 +154,22 @@ def child_tuning_f(
         step_key = jax.random.wrap_key_data(state.key, impl=impl)
         next_key, mask_key = jax.random.split(step_key)
         leaves, treedef = jax.tree.flatten(updates)
-        leaf_keys = jax.random.split(mask_key, max(len(leaves), 1))
+        if sampler == "hash":
+            # All leaves' seeds from one threefry call: one call per leaf would be hundreds of
+            # small threefry graphs for XLA to compile (about 40 s more on CPU for BERT-base).
+            seeds = jax.random.bits(mask_key, (max(len(leaves), 1), 2), jnp.uint32)
+        else:
+            leaf_keys = jax.random.split(mask_key, max(len(leaves), 1))
         masked = []
-        for leaf_key, grad in zip(leaf_keys, leaves, strict=False):
+        for i, grad in enumerate(leaves):
             if sampler == "hash":
                 if grad.size >= _UINT32_RANGE:
                     raise ValueError(
                         f"leaf of {grad.size} elements is too large for sampler='hash'"
                     )
-                seed = jax.random.bits(leaf_key, (2,), jnp.uint32)
-                keep = _hash_uniform_bits(grad.shape, seed) < jnp.uint32(threshold)
+                keep = _hash_uniform_bits(grad.shape, seeds[i]) < jnp.uint32(threshold)
             else:
-                keep = jax.random.bernoulli(leaf_key, reserve_p, grad.shape)
+                keep = jax.random.bernoulli(leaf_keys[i], reserve_p, grad.shape)
             masked.append(
                 jnp.where(keep, grad * jnp.asarray(scale, grad.dtype), 0).astype(grad.dtype)
             )

@@ -326,3 +326,23 @@ def test_weight_decay_spares_biases_and_layer_norms(tiny_model):
     assert not names["bert/encoder/layer/0/attention/self/query/bias"]
     assert not names["bert/embeddings/LayerNorm/scale"]
     assert not names["bert/encoder/layer/0/output/LayerNorm/bias"]
+
+
+def test_resume_template_mask_has_the_saved_state_layout():
+    """ChildTuning-D stores uniform mask leaves 0-d, so the restore target must know which."""
+    from childtuning_jax import child_tuning_d
+
+    params = {
+        "bert": {"embeddings": np.ones((6, 4), np.float32)},
+        "layer": {"0": {"kernel": np.ones((4, 4), np.float32), "bias": np.ones(4, np.float32)}},
+    }
+    mask = {
+        "bert": {"embeddings": np.ones((6, 4), bool)},
+        "layer": {"0": {"kernel": np.eye(4, dtype=bool), "bias": np.zeros(4, bool)}},
+    }
+    uniform = train_lib.uniform_leaf_names(mask)
+    assert uniform == ["bert/embeddings", "layer/0/bias"]
+    template = train_lib.template_child_mask(params, uniform)
+    saved = child_tuning_d(mask).init(params)
+    restored_target = child_tuning_d(template).init(params)
+    assert jax.tree.map(np.shape, restored_target) == jax.tree.map(np.shape, saved)
