@@ -13,7 +13,7 @@ interrupted (``SIGALRM``) and recorded as stopped. The JSON is rewritten after e
 finishes first, so give an outer time limit about two minutes above ``--budget-s``.
 
 Compiling dominates on a GPU: on an H200 (2026-11-27) the first call of our BERT-base train step
-took 20-28 s (vanilla, D) and 43-46 s (F), so the 5-minute default covers the BERT-base train
+took 19-28 s (vanilla, D) and 43-46 s (F), so the 5-minute default covers the BERT-base train
 steps and little more; ``--only`` (names or ``name[label]``) splits the plan over several calls.
 
 bfloat16 means bfloat16 compute with float32 parameters and optimizer
