@@ -48,7 +48,8 @@ def _alarm(signum, frame):  # noqa: ARG001 - signal handler signature
 def plan(smoke: bool) -> list[tuple[str, str, float, Callable[[], Any]]]:
     """(benchmark, config label, minimum seconds left to start it, thunk), in priority order.
 
-    On GPU: batch 32 x 128 (8 x 128 is launch-bound there), 5 rounds; the optimizer update without
+    On GPU: batch 32 x 128 (8 x 128 is launch-bound there), 5 rounds; the optimizer update in 50
+    rounds (an update takes milliseconds: 10 rounds left D/adamw to dispatch noise), without
     the F ``jax.random.bernoulli`` variant (its compile would cost the time box more than it tells).
     """
     import jax.numpy as jnp
@@ -101,7 +102,7 @@ def plan(smoke: bool) -> list[tuple[str, str, float, Callable[[], Any]]]:
 
     def optimizer(shape):
         return lambda: optimizer_update.run(
-            smoke=smoke, shape=shape, rounds=None if smoke else 10, bernoulli_rounds=0
+            smoke=smoke, shape=shape, rounds=None if smoke else 50, bernoulli_rounds=0
         )
 
     b, lg = base.name, large.name
