@@ -350,7 +350,8 @@ def compute_child_mask(
 
 
 def uniform_leaf_names(mask: Any) -> list[str]:
-    """Names of the mask's all-True or all-False leaves (``child_tuning_d`` stores them 0-d)."""
+    """Names of the mask's all-True or all-False leaves (``child_tuning_d`` keeps them in its
+    ``uniform`` buffer, so they decide the state's layout)."""
     return [
         name
         for name, leaf in zip(paths.leaf_names(mask), jax.tree.leaves(mask), strict=True)

@@ -11,11 +11,18 @@ donated (updated in place, as in a training step). Contenders:
   reference, timed on its own afterwards (it is several times slower on CPU).
 
 Targets (issue 2): F / adamw <= 1.3, D / adamw <= 1.05.
+
+``dispatch`` repeats the three contenders on the same tree with every dimension cut to 2: the
+compute vanishes and what is left is the per-call cost of the jitted, donating update (arguments,
+outputs, one small kernel per op), which is what a GPU's millisecond update mostly pays. One mask
+leaf per parameter in the D state cost 1.23x adamw there (H200, BERT-base); the flat state is
+meant to remove that, and this row shows the per-leaf cost on any machine.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +32,13 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from childtuning_jax import child_tuning_d, child_tuning_f, fisher_mask, map_with_name
+from childtuning_jax import (
+    child_tuning_d,
+    child_tuning_f,
+    fisher_mask,
+    map_with_name,
+    official_eligibility,
+)
 
 RESERVE_P = 0.3
 
@@ -82,18 +95,49 @@ def _contender(tx: optax.GradientTransformation, params: Any, grads: Any) -> Cal
     return call
 
 
+def _dispatch_bound(shapes: dict[str, tuple[int, ...]], *, rounds: int) -> dict[str, Any]:
+    """The contenders on ``shapes``' tree with every dimension 2 (per-call cost only)."""
+    tiny = {name: (2,) * len(shape) for name, shape in shapes.items()}
+    params = _random_tree(tiny, seed=0, scale=0.02)
+    grads = _random_tree(tiny, seed=1, scale=1e-3)
+    # A full-size mask's layout: every encoder-layer leaf mixed, every other leaf all True.
+    mask = common.nest(
+        {
+            name: (np.arange(math.prod(shape)) % 2 == 0).reshape(shape)
+            if official_eligibility(name)
+            else np.ones(shape, bool)
+            for name, shape in tiny.items()
+        }
+    )
+    contenders = {
+        name: _contender(tx, params, grads) for name, tx in transforms(params, mask).items()
+    }
+    samples = common.alternate(contenders, rounds=rounds, warmup=3)
+    return {
+        "leaves": len(tiny),
+        "rounds": rounds,
+        "times": {name: common.summarize(s) for name, s in samples.items()},
+        "ratios_to_adamw": {
+            name: common.ratio(samples, name, "adamw") for name in samples if name != "adamw"
+        },
+    }
+
+
 def run(
     *,
     smoke: bool = False,
     shape: common.BertShape | None = None,
     rounds: int | None = None,
     bernoulli_rounds: int | None = None,
+    dispatch_rounds: int | None = None,
 ) -> dict[str, Any]:
     """Alternates adamw / F / D for ``rounds``; then F with ``jax.random.bernoulli``, which is
-    several times slower on CPU, alone for ``bernoulli_rounds`` (0 skips it)."""
+    several times slower on CPU, alone for ``bernoulli_rounds`` (0 skips it); then the
+    dispatch-bound variant (tiny leaves) for ``dispatch_rounds`` (0 skips it)."""
     shape = shape or (common.BERT_TINY if smoke else common.BERT_BASE)
     rounds = rounds or (3 if smoke else 20)
     bernoulli_rounds = (0 if smoke else 3) if bernoulli_rounds is None else bernoulli_rounds
+    dispatch_rounds = (3 if smoke else 100) if dispatch_rounds is None else dispatch_rounds
     shapes = common.bert_param_shapes(shape)
     if smoke:  # a few leaves of each kind: compiling is most of a smoke run's time
         keep = ("word_embeddings", "layer/0/attention/self/query", "classifier")
@@ -115,6 +159,7 @@ def run(
         contenders = {"F-bernoulli": _contender(tx, params, grads)}
         samples.update(common.alternate(contenders, rounds=bernoulli_rounds, warmup=1))
         del contenders
+    dispatch = _dispatch_bound(shapes, rounds=dispatch_rounds) if dispatch_rounds else None
     out: dict[str, Any] = {
         "shape": shape.name,
         "params": common.count_params(shapes),
@@ -125,6 +170,8 @@ def run(
             name: common.ratio(samples, name, "adamw") for name in samples if name != "adamw"
         },
     }
+    if dispatch is not None:
+        out["dispatch"] = dispatch
     if not smoke:
         r = out["ratios_to_adamw"]
         out["targets"] = {

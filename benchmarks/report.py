@@ -95,6 +95,14 @@ def _optimizer_lines(results: dict[str, Any]) -> list[str]:
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_to_adamw"].items())
         lines.append(f"- optimizer update {label} ({r['params'] / 1e6:.1f} M params): {t}")
         lines.append(f"  - over adamw: {ratios}")
+        if "dispatch" in r:
+            d = r["dispatch"]
+            t = ", ".join(f"{k} {v['median_s'] * 1e3:.3g} ms" for k, v in d["times"].items())
+            ratios = ", ".join(f"{k} {v:.2f}" for k, v in d["ratios_to_adamw"].items())
+            lines.append(
+                f"  - dispatch-bound (same {d['leaves']} leaves, every dimension 2): {t}; "
+                f"over adamw: {ratios}"
+            )
     return lines
 
 

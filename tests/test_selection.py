@@ -191,3 +191,26 @@ def test_sample_bracket_is_exercised(monkeypatch):
         assert len(set(brackets)) > 1  # the first bracket missed and was widened
         for g, e in zip(jax.tree.leaves(ct.fisher_mask(fisher, reserve_p)), expected, strict=True):
             np.testing.assert_array_equal(np.asarray(g), e)
+
+
+def test_accelerator_leaves_are_copied_to_host_once_and_masks_go_back(monkeypatch):
+    """Leaves that are not host-viewable (as on a GPU) come over in one batched transfer."""
+    fisher = _fisher(seed=3)
+    transfers = []
+    real_device_get = jax.device_get
+
+    def counting_device_get(tree):
+        transfers.append(len(jax.tree.leaves(tree)))
+        return real_device_get(tree)
+
+    monkeypatch.setattr(selection, "_host_view", lambda leaf: None)
+    monkeypatch.setattr(selection.jax, "device_get", counting_device_get)
+    mask = ct.fisher_mask(fisher, 0.3)
+    eligible = [n for n in ct.leaf_names(fisher) if ct.official_eligibility(n)]
+    assert transfers == [len(eligible)]
+    _, expected = _numpy_reference(fisher, 0.3)
+    for name, leaf, value, want in zip(
+        ct.leaf_names(fisher), jax.tree.leaves(mask), jax.tree.leaves(fisher), expected, strict=True
+    ):
+        assert isinstance(leaf, jax.Array) and leaf.sharding == value.sharding, name
+        np.testing.assert_array_equal(np.asarray(leaf), want, err_msg=name)

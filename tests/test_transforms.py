@@ -175,7 +175,7 @@ def test_d_multiplies_by_mask_without_rescaling():
         out,
         mask,
     )
-    assert all(leaf.dtype == jnp.bool_ for leaf in jax.tree.leaves(state.mask))
+    assert all(leaf.dtype == jnp.bool_ for leaf in jax.tree.leaves(state))
 
 
 def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
@@ -183,12 +183,13 @@ def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
     tx = ct.child_tuning_d({"w": np.array([[1, 0], [0, 1], [1, 1]], np.int32)})
     state = tx.init(params)
     assert isinstance(state, ct.ChildTuningDState)
-    assert state.mask["w"].dtype == jnp.bool_
+    assert state.mask.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(state.mask), [1, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="0/1"):
         ct.child_tuning_d({"w": np.full((3, 2), 2)})
 
 
-def test_d_stores_uniform_leaves_as_scalars_that_the_state_decides():
+def test_d_state_is_two_flat_buffers_that_decide():
     params = {"emb": jnp.ones((5, 4)), "layer": jnp.ones((3, 2)), "off": jnp.ones((2,))}
     mask = {
         "emb": np.ones((5, 4), bool),
@@ -198,18 +199,24 @@ def test_d_stores_uniform_leaves_as_scalars_that_the_state_decides():
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
     tx = ct.child_tuning_d(mask)
     state = tx.init(params)
-    assert state.mask["emb"].shape == () and bool(state.mask["emb"])
-    assert state.mask["off"].shape == () and not bool(state.mask["off"])
-    assert state.mask["layer"].shape == (3, 2)
+    # Mixed leaves flattened into `mask`; uniform leaves (emb, off) one bool each in `uniform`.
+    np.testing.assert_array_equal(np.asarray(state.mask), mask["layer"].reshape(-1))
+    np.testing.assert_array_equal(np.asarray(state.uniform), [True, False])
     out, _ = jax.jit(tx.update)(grads, state)
     for name in params:
         np.testing.assert_array_equal(np.asarray(out[name]), np.where(mask[name], 0.5, 0.0))
-    # The state, not the transform's closure, decides: a state whose uniform leaf says False.
-    edited = ct.ChildTuningDState(mask={**state.mask, "emb": jnp.asarray(False)})
+    # The state, not the transform's closure, decides: edit both buffers.
+    edited = ct.ChildTuningDState(
+        mask=jnp.logical_not(state.mask), uniform=jnp.asarray([False, True])
+    )
     out, _ = jax.jit(tx.update)(grads, edited)
     np.testing.assert_array_equal(np.asarray(out["emb"]), np.zeros((5, 4)))
+    np.testing.assert_array_equal(np.asarray(out["off"]), np.full((2,), 0.5))
+    np.testing.assert_array_equal(np.asarray(out["layer"]), np.where(mask["layer"], 0.0, 0.5))
     with pytest.raises(ValueError, match="'layer'"):
         tx.update({**grads, "layer": jnp.ones((2, 3))}, state)
+    with pytest.raises(ValueError, match="different mask"):
+        tx.update(grads, ct.ChildTuningDState(mask=state.mask[:4], uniform=state.uniform))
 
 
 def test_d_official_order_adam_sees_masked_grads_and_decay_hits_all():
