@@ -188,9 +188,9 @@ class ChildTuningDState(NamedTuple):
     """State of :func:`child_tuning_d`: the fixed boolean mask, in two flat buffers.
 
     Kept in the state (not closed over as a constant) so it is checkpointed with the optimizer and
-    replicated like any other optimizer state. Two leaves instead of one per parameter: a jitted
-    train step that donates its optimizer state pays per argument, and on a GPU one mask leaf per
-    parameter made ``chain(D, adamw)`` 1.23x ``adamw`` (H200, BERT-base, 2026-11-27).
+    replicated like any other optimizer state. Two leaves instead of one per parameter tensor: a
+    jitted train step that donates its optimizer state pays per argument, and on a GPU one mask
+    leaf per parameter tensor made ``chain(D, adamw)`` 1.23x ``adamw`` (H200, BERT-base).
 
     Attributes:
       mask: 1-D bool, the mask of every mixed leaf (some True, some False), each flattened in C

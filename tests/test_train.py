@@ -332,7 +332,8 @@ def test_weight_decay_spares_biases_and_layer_norms(tiny_model):
 
 
 def test_resume_template_mask_has_the_saved_state_layout():
-    """ChildTuning-D stores uniform mask leaves 0-d, so the restore target must know which."""
+    """ChildTuning-D keeps uniform mask leaves in their own buffer: the restore target must
+    know which."""
     from childtuning_jax import child_tuning_d
 
     params = {
