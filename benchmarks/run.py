@@ -47,8 +47,9 @@ BENCHMARKS = (
 CPU_THREADS = 2
 
 
-def cpu_suite(smoke: bool) -> dict[str, Callable[[], Any]]:
-    """The CPU suite: benchmark name -> thunk returning its results."""
+def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callable[[], Any]]:
+    """The CPU suite: benchmark name -> thunk returning its results (``train_rounds``: rounds of
+    the train-step benchmark, default 3)."""
     from benchmarks import (
         common,
         fisher_pass,
@@ -65,7 +66,9 @@ def cpu_suite(smoke: bool) -> dict[str, Callable[[], Any]]:
     return {
         "mask_selection": lambda: mask_selection.run(smoke=smoke),
         "optimizer_update": lambda: {shape.name: optimizer_update.run(smoke=smoke)},
-        "train_step": lambda: {label: train_step.run(smoke=smoke, threads=threads)},
+        "train_step": lambda: {
+            label: train_step.run(smoke=smoke, threads=threads, rounds=train_rounds)
+        },
         "fisher_pass": lambda: {label: fisher_pass.run(smoke=smoke)},
         "memory": lambda: memory.run(
             smoke=smoke, modes=("vanilla", "D") if smoke else ("vanilla", "D", "F")
@@ -227,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where RESULTS.md, results/ and plots go")
     parser.add_argument("--budget-s", type=float, default=300.0, help="GPU profile time box")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--train-rounds",
+        type=int,
+        default=None,
+        help="rounds of the CPU train-step benchmark (default 3; each costs about 75 s on 2 cores)",
+    )
     args = parser.parse_args(argv)
+    if args.train_rounds is not None and args.train_rounds < 1:
+        parser.error(f"--train-rounds must be >= 1, got {args.train_rounds}")
     only = [name for name in args.only.split(",") if name]
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
@@ -249,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with shared_compilation_cache():
         background = ("memory", "pmap_scaling") if args.smoke else ()
-        results, errors = run_suite(cpu_suite(args.smoke), only, background=background)
+        results, errors = run_suite(
+            cpu_suite(args.smoke, args.train_rounds), only, background=background
+        )
     record.update(
         results=results, duration_s=time.perf_counter() - start, load_end=list(os.getloadavg())
     )

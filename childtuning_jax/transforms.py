@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from childtuning_jax import paths
+from childtuning_jax import hash_random, paths
 
 Sampler = Literal["hash", "jax"]
 
@@ -59,37 +59,6 @@ class ChildTuningFState(NamedTuple):
     key: jax.Array
 
 
-_UINT32_RANGE = 2**32
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """A bijective 32-bit integer hash with full avalanche (Wellons' ``lowbias32``)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _hash_uniform_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
-    """32 uniform random bits per element: ``mix(index * (seed[1] | 1) + seed[0])``.
-
-    For a uniformly random ``seed[0]`` every element's word is exactly uniform over 2**32 values
-    (the affine map and ``mix`` are bijections), so a threshold test keeps an element with exactly
-    the probability the threshold says. The random odd multiplier and the hash's avalanche
-    decorrelate neighbouring elements, leaves and steps. One hash per element fuses into the
-    optimizer's elementwise work; per-element threefry costs several times AdamW on CPU.
-    """
-    size = math.prod(shape)
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    return _mix32(index * (seed[1] | jnp.uint32(1)) + seed[0])
-
-
-def _keep_threshold(reserve_p: float) -> int:
-    """The uint32 threshold ``t`` with keep-probability ``t / 2**32`` closest to ``reserve_p``."""
-    return min(max(round(reserve_p * _UINT32_RANGE), 1), _UINT32_RANGE - 1)
-
-
 def child_tuning_f(
     reserve_p: float, key: jax.Array, *, sampler: Sampler = "hash"
 ) -> optax.GradientTransformation:
@@ -104,10 +73,10 @@ def child_tuning_f(
 
     * ``"hash"`` (default): for each step and leaf, two 32-bit seeds are drawn from ``key`` with
       JAX's threefry; each element's 32 random bits are a keyed integer hash of its index,
-      ``lowbias32(index * (seed1 | 1) + seed0)`` (see ``_hash_uniform_bits``). The element is
-      kept when its bits fall below ``t = round(reserve_p * 2**32)``, so ``p_eff = t / 2**32``
-      (within 2**-32 of ``reserve_p``). This fuses into the optimizer update and costs a few
-      integer operations per element.
+      ``lowbias32(index * (seed1 | 1) + seed0)`` (:mod:`childtuning_jax.hash_random`). The
+      element is kept when its bits fall below ``t = round(reserve_p * 2**32)``, so
+      ``p_eff = t / 2**32`` (within 2**-32 of ``reserve_p``). This fuses into the optimizer
+      update and costs a few integer operations per element.
     * ``"jax"``: ``jax.random.bernoulli`` per leaf (threefry per element, slower on CPU), with
       ``p_eff = reserve_p``.
 
@@ -139,8 +108,10 @@ def child_tuning_f(
     if key_data.ndim != 1:
         raise ValueError(f"key must be a single PRNG key, got key data of shape {key_data.shape}")
 
-    threshold = _keep_threshold(reserve_p)
-    scale = _UINT32_RANGE / threshold if sampler == "hash" else 1.0 / reserve_p  # 1 / p_eff
+    threshold = hash_random.keep_threshold(reserve_p)
+    scale = (
+        hash_random.UINT32_RANGE / threshold if sampler == "hash" else 1.0 / reserve_p
+    )  # 1 / p_eff
 
     def init_fn(params: Any) -> ChildTuningFState:
         del params
@@ -163,11 +134,11 @@ def child_tuning_f(
         masked = []
         for i, grad in enumerate(leaves):
             if sampler == "hash":
-                if grad.size >= _UINT32_RANGE:
+                if grad.size >= hash_random.UINT32_RANGE:
                     raise ValueError(
                         f"leaf of {grad.size} elements is too large for sampler='hash'"
                     )
-                keep = _hash_uniform_bits(grad.shape, seeds[i]) < jnp.uint32(threshold)
+                keep = hash_random.uniform_bits(grad.shape, seeds[i]) < jnp.uint32(threshold)
             else:
                 keep = jax.random.bernoulli(leaf_keys[i], reserve_p, grad.shape)
             masked.append(

@@ -351,3 +351,26 @@ def test_sharded_safetensors_checkpoint(tmp_path):
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_drops_at_its_rate_independently_and_rescales(rate):
+    from childtuning_jax.models.encoder import dropout
+
+    x = jnp.ones((64, 128, 96))
+    out = np.asarray(jax.jit(lambda k: dropout(x, rate, k))(jax.random.key(3)))
+    kept = out != 0
+    n = kept.size
+    # Six sigma of a Binomial(n, 1 - rate) fraction.
+    assert abs(kept.mean() - (1 - rate)) < 6 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)
+    # Neighbours along each axis and another key are uncorrelated (|r| within six sigma of 0).
+    flat = kept.astype(np.float64)
+    for a, b in [
+        (flat[:, :, 1:], flat[:, :, :-1]),
+        (flat[:, 1:], flat[:, :-1]),
+        (flat[1:], flat[:-1]),
+        (flat, np.asarray(jax.jit(lambda k: dropout(x, rate, k))(jax.random.key(4))) != 0),
+    ]:
+        r = np.corrcoef(a.ravel(), np.asarray(b, np.float64).ravel())[0, 1]
+        assert abs(r) < 6 / np.sqrt(a.size), r

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from childtuning_jax import hash_random
+
 Array = jax.Array
 Key = jax.Array | None
 
@@ -85,12 +87,20 @@ def take(keys: Key, index: int | slice) -> Key:
 
 
 def dropout(x: Array, rate: float, key: Key) -> Array:
-    """Inverted dropout, as ``torch.nn.Dropout`` in training; identity when ``key`` is ``None``."""
+    """Inverted dropout, as ``torch.nn.Dropout`` in training; identity when ``key`` is ``None``.
+
+    The mask comes from :func:`childtuning_jax.hash_random.bernoulli` (one hash per element, fused
+    into the scaling) rather than per-element threefry, which cost about 5 % of a BERT-base
+    training step on CPU. Each element is kept with probability ``1 - rate`` within 2**-32.
+    """
     if key is None or rate == 0.0:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    if x.size < hash_random.UINT32_RANGE:
+        keep = hash_random.bernoulli(key, 1.0 - rate, x.shape)
+    else:  # beyond the hash's 32-bit index
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
