@@ -276,7 +276,7 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
 
     def init_fn(params: Any) -> ChildTuningDState:
         _check_same_layout(layout, params, "params")
-        unpacked = np.unpackbits(packed_mask, count=mixed_size).astype(bool)
+        unpacked = np.unpackbits(packed_mask, count=mixed_size).view(bool)  # 0/1 bytes: no copy
         return ChildTuningDState(mask=jnp.asarray(unpacked), uniform=jnp.asarray(uniform_host))
 
     def leaf_mask(state: ChildTuningDState, slot: tuple[Any, ...]) -> jax.Array:
