@@ -113,9 +113,11 @@ def _dispatch_bound(shapes: dict[str, tuple[int, ...]], *, rounds: int) -> dict[
         name: _contender(tx, params, grads) for name, tx in transforms(params, mask).items()
     }
     samples = common.alternate(contenders, rounds=rounds, warmup=3)
+    return {"leaves": len(tiny), "rounds": rounds, **_times_and_ratios(samples)}
+
+
+def _times_and_ratios(samples: dict[str, list[float]]) -> dict[str, Any]:
     return {
-        "leaves": len(tiny),
-        "rounds": rounds,
         "times": {name: common.summarize(s) for name, s in samples.items()},
         "ratios_to_adamw": {
             name: common.ratio(samples, name, "adamw") for name in samples if name != "adamw"
@@ -165,10 +167,7 @@ def run(
         "params": common.count_params(shapes),
         "reserve_p": RESERVE_P,
         "rounds": rounds,
-        "times": {name: common.summarize(s) for name, s in samples.items()},
-        "ratios_to_adamw": {
-            name: common.ratio(samples, name, "adamw") for name in samples if name != "adamw"
-        },
+        **_times_and_ratios(samples),
     }
     if dispatch is not None:
         out["dispatch"] = dispatch

@@ -86,22 +86,23 @@ def _mask_lines(r: dict[str, Any]) -> list[str]:
 
 
 def _optimizer_lines(results: dict[str, Any]) -> list[str]:
+    def times_and_ratios(r: dict[str, Any]) -> tuple[str, str]:
+        t = ", ".join(f"{k} {v['median_s'] * 1e3:.3g} ms" for k, v in r["times"].items())
+        return t, ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_to_adamw"].items())
+
     lines = []
     for label, r in results.items():
         if "error" in r:
             lines.append(f"- optimizer update {label}: ERROR {r['error']}")
             continue
-        t = ", ".join(f"{k} {v['median_s'] * 1e3:.3g} ms" for k, v in r["times"].items())
-        ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_to_adamw"].items())
+        t, ratios = times_and_ratios(r)
         lines.append(f"- optimizer update {label} ({r['params'] / 1e6:.1f} M params): {t}")
         lines.append(f"  - over adamw: {ratios}")
         if "dispatch" in r:
-            d = r["dispatch"]
-            t = ", ".join(f"{k} {v['median_s'] * 1e3:.3g} ms" for k, v in d["times"].items())
-            ratios = ", ".join(f"{k} {v:.2f}" for k, v in d["ratios_to_adamw"].items())
+            t, ratios = times_and_ratios(r["dispatch"])
             lines.append(
-                f"  - dispatch-bound (same {d['leaves']} leaves, every dimension 2): {t}; "
-                f"over adamw: {ratios}"
+                f"  - dispatch-bound (same {r['dispatch']['leaves']} leaves, every dimension 2): "
+                f"{t}; over adamw: {ratios}"
             )
     return lines
 

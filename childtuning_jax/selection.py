@@ -84,9 +84,6 @@ class _Leaf:
         self._bracket_positions: np.ndarray | None = None
         self._lo: Any = None
 
-    def gather(self, positions: np.ndarray) -> np.ndarray:
-        return self.host[positions]
-
     def bracket(self, lo: Any, hi: Any) -> tuple[int, np.ndarray]:
         """(number of values < lo, the values v with lo <= v <= hi).
 
@@ -155,7 +152,7 @@ def _sample(leaves: list[_Leaf], total: int, rng: np.random.Generator) -> np.nda
     for i, leaf in enumerate(leaves):
         local = global_positions[owner == i] - offsets[i]
         if local.size:
-            parts.append(leaf.gather(local))
+            parts.append(leaf.host[local])
     return np.sort(np.concatenate(parts))
 
 

@@ -134,10 +134,6 @@ def child_tuning_f(
         masked = []
         for i, grad in enumerate(leaves):
             if sampler == "hash":
-                if grad.size >= hash_random.UINT32_RANGE:
-                    raise ValueError(
-                        f"leaf of {grad.size} elements is too large for sampler='hash'"
-                    )
                 keep = hash_random.uniform_bits(grad.shape, seeds[i]) < jnp.uint32(threshold)
             else:
                 keep = jax.random.bernoulli(leaf_keys[i], reserve_p, grad.shape)

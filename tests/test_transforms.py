@@ -283,3 +283,13 @@ def test_init_after_a_donated_step_still_works(kind):
     second, _ = step(params, tx.init(params))  # the closure's key / mask were not donated away
     np.testing.assert_array_equal(first["w"], second["w"])
     np.testing.assert_array_equal(mask["w"], [True, False, True, True])  # caller's mask intact
+
+
+def test_hash_sampler_refuses_more_elements_than_its_32_bit_index():
+    from childtuning_jax import hash_random
+
+    seed = jnp.zeros(2, jnp.uint32)
+    largest = (2**16 - 1, 2**16 + 1)  # 2**32 - 1 elements: traced only, never allocated
+    assert jax.eval_shape(lambda s: hash_random.uniform_bits(largest, s), seed).shape == largest
+    with pytest.raises(ValueError, match="sampler='jax'"):
+        hash_random.uniform_bits((2**16, 2**16), seed)
