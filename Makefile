@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 GLUE_DIR ?= ../shared/glue
 
-.PHONY: install test lint rte bench
+BARE ?= .venv-bare
+
+.PHONY: install test test-bare lint rte bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,17 +21,34 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+test: install test-bare
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
+
+# The library alone (`pip install .`, no extras) in its own environment: imports, runs F and D.
+$(BARE)/.installed: pyproject.toml
+	rm -rf $(BARE)
+	$(PYTHON) -m venv $(BARE)
+	$(BARE)/bin/python -m pip install -q --upgrade pip
+	$(BARE)/bin/python -m pip install -q .
+	touch $@
+
+test-bare: $(BARE)/.installed
+	$(BARE)/bin/python -m pip install -q --no-deps --force-reinstall .
+	$(BARE)/bin/python -I tests/bare_install_check.py --expect-bare
 
 lint: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-# Main job: ChildTuning-D fine-tuning of the packaged MiniLM BERT on RTE, on CPU, offline.
+# The local GLUE files when present, else nyu-mll/glue from the hub.
+GLUE_FLAGS = $(if $(wildcard $(GLUE_DIR)),--config.data_dir=$(GLUE_DIR),--config.data_dir=)
+GLUE_NOTE = $(if $(wildcard $(GLUE_DIR)),,@echo "$(GLUE_DIR) not found: loading GLUE from the hub (nyu-mll/glue)")
+
+# ChildTuning-D fine-tuning of the packaged MiniLM BERT on RTE, on CPU.
 rte: install
-	HF_HUB_OFFLINE=1 $(PY) train.py --config=configs/rte.py --config.mode=D \
-	  --config.data_dir=$(GLUE_DIR) --config.output_dir=runs/rte_D
+	$(GLUE_NOTE)
+	$(PY) train.py --config=configs/rte.py --config.mode=D $(GLUE_FLAGS) \
+	  --config.output_dir=runs/rte_D
 
 bench: install
 	$(PY) -m benchmarks.run

@@ -6,18 +6,27 @@
 Every key of the configuration (see configs/glue.py) can be overridden as ``--config.KEY=VALUE``.
 The run writes checkpoints, ``metrics.jsonl``, ``results.json`` (and for ChildTuning-D
 ``mask_summary.json``) to ``output_dir``; ``--config.resume=true`` continues from its newest
-checkpoint.
+checkpoint. Bad configuration or data prints one ``error: ...`` line and exits with status 1
+(``--traceback`` shows the traceback).
 """
 
 import json
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import train_lib
+from childtuning_trainer import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/glue.py", "Training configuration (a configs/*.py file).", lock_config=True
+)
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback",
+    os.environ.get("CHILDTUNING_TRACEBACK", "") not in ("", "0"),
+    "Show the Python traceback of bad configuration or data instead of one line "
+    "(also CHILDTUNING_TRACEBACK=1).",
 )
 
 
@@ -26,7 +35,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    outcome = train_lib.train_and_evaluate(_CONFIG.value)
+    try:
+        outcome = loop.train_and_evaluate(_CONFIG.value)
+    except (ValueError, OSError) as e:  # bad configuration or data: one line, no traceback
+        if _TRACEBACK.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if outcome is None:
         print(f"Stopped after step {_CONFIG.value.stop_after_steps}; resume to continue.")
         return
@@ -39,5 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
     app.run(main)

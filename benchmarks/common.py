@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from childtuning_jax import official_eligibility
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +163,11 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def count_params(shapes: Mapping[str, tuple[int, ...]], *, eligible_only: bool = False) -> int:
-    """Number of values, optionally only in leaves whose name contains ``layer`` (the official
-    eligibility rule; ``LayerNorm`` does not match, it is case-sensitive)."""
-    return sum(int(np.prod(s)) for n, s in shapes.items() if not eligible_only or "layer" in n)
+    """Number of values, optionally only in leaves ChildTuning-D may select
+    (``childtuning_jax.official_eligibility``)."""
+    return sum(
+        int(np.prod(s)) for n, s in shapes.items() if not eligible_only or official_eligibility(n)
+    )
 
 
 def random_fisher(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:

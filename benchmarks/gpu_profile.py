@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks import records
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -49,8 +51,8 @@ def plan(smoke: bool) -> list[tuple[str, str, float, Callable[[], Any]]]:
     """(benchmark, config label, minimum seconds left to start it, thunk), in priority order.
 
     On GPU: batch 32 x 128 (8 x 128 is launch-bound there), 5 rounds; the optimizer update in 50
-    rounds (an update takes milliseconds: D/adamw read 1.33 in 10 rounds, 1.23 in 50), without
-    the F ``jax.random.bernoulli`` variant (its compile would cost the time box more than it tells).
+    rounds (an update takes milliseconds, so 10 rounds are noisy), without the F
+    ``jax.random.bernoulli`` variant (its compile would cost the time box more than it tells).
     """
     import jax.numpy as jnp
 
@@ -194,13 +196,11 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 
     import jax
 
-    from benchmarks import run as suite
-
     if jax.default_backend() == "cpu" and not args.smoke:
         print("[gpu_profile] warning: no accelerator found, profiling the CPU", file=sys.stderr)
-    out_dir = args.out or suite.HERE
+    out_dir = args.out or records.HERE
     suite_name = "gpu-smoke" if args.smoke else "gpu"
-    record = suite.new_record(suite_name, argv)
+    record = records.new_record(suite_name, argv)
     record["command"] = command or " ".join(
         ["python -m benchmarks.gpu_profile", *map(shlex.quote, argv)]
     )
@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         partial = dict(record, results=results, skipped=skipped, complete=False)
         partial["duration_s"] = time.perf_counter() - start
         partial["load_end"] = list(os.getloadavg())
-        suite.write_json(partial, out_dir)
+        records.write_json(partial, out_dir)
 
     results, skipped = run_profile(
         args.budget_s, args.smoke, [n for n in args.only.split(",") if n], save_partial
     )
-    suite.add_training_throughput(results)
+    records.add_training_throughput(results)
     record.update(
         results=results,
         skipped=skipped,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         duration_s=time.perf_counter() - start,
         load_end=list(os.getloadavg()),
     )
-    written = suite.write_outputs(record, out_dir, plots=not args.no_plots)
+    written = records.write_outputs(record, out_dir, plots=not args.no_plots)
     for key, path in written.items():
         print(f"[gpu_profile] wrote {key}: {path}")
     failed = [

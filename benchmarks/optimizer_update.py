@@ -14,9 +14,9 @@ Targets (issue 2): F / adamw <= 1.3, D / adamw <= 1.05.
 
 ``dispatch`` repeats the three contenders on the same tree with every dimension cut to 2: the
 compute vanishes and what is left is the per-call cost of the jitted, donating update (arguments,
-outputs, one small kernel per op), which is what a GPU's millisecond update mostly pays. One mask
-leaf per parameter in the D state cost 1.23x adamw there (H200, BERT-base); the flat state is
-meant to remove that, and this row shows the per-leaf cost on any machine.
+outputs, one small kernel per op), which is what a GPU's millisecond update mostly pays. A D
+state of one mask leaf per parameter paid that cost on the GPU (see RESULTS.md); the flat state is
+meant to remove it, and this row shows the per-leaf cost on any machine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The trainer's pmapped train step over 1, 2 and 4 host CPU devices: identical results, timings.
 
 Runs in a fresh process with ``--xla_force_host_platform_device_count=4`` (the device count is
-fixed when JAX starts). The step is ``train_lib.make_train_step`` (what ``train.py`` runs) with
+fixed when JAX starts). The step is ``childtuning_trainer.steps.make_train_step`` (what
+``train.py`` runs) with
 the official optimizer chain for vanilla, F and D, dropout off so results are deterministic. The
 same global batch (split over the devices) and the same initial state must give the same params
 after a few steps on 1, 2 and 4 devices (up to float rounding of the cross-device mean); then each
@@ -28,9 +29,8 @@ def child(smoke: bool) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    import train_lib
     from benchmarks import workloads
-    from childtuning_jax import parallel
+    from childtuning_trainer import parallel, steps
 
     shape = common.BERT_TINY if smoke else SMALL
     global_batch, seq_len = (4, 16) if smoke else (8, 128)
@@ -40,7 +40,6 @@ def child(smoke: bool) -> dict[str, Any]:
     config = workloads.hf_config(shape)
     model = workloads.JaxModel(config)
     mask = workloads.random_child_mask(model.params)
-    trainer_model = train_lib.Model(model.graphdef, model.rest, config.num_labels)
     batches = workloads.random_batches(
         config, num=check_steps, batch_size=global_batch, seq_len=seq_len
     )
@@ -53,31 +52,25 @@ def child(smoke: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mode in modes:
         tx = workloads.make_tx(mode, model.params, mask)
-        step_fn = train_lib.make_train_step(trainer_model, tx, regression=False, dropout=False)
-        host_state = train_lib.TrainState(
-            jnp.zeros((), jnp.int32), model.params, tx.init(model.params)
-        )
+        step_fn = steps.make_train_step(model.objective, tx, dropout=False)
+        host_state = steps.TrainState(jnp.zeros((), jnp.int32), model.params, tx.init(model.params))
         final: dict[int, Any] = {}
         per_mode: dict[str, Any] = {}
         for n in counts:
             devices = devices_all[:n]
-            p_step = jax.pmap(
-                step_fn,
-                axis_name=train_lib.AXIS,
-                in_axes=(0, 0, None),
-                devices=devices,
-                donate_argnums=0,
-            )
+            p_step = parallel.map_train_step(step_fn, devices)
             state = parallel.replicate(host_state, devices)
             rng = jax.random.key(0)
             start = time.perf_counter()
             losses = []
             for batch in batches:  # correctness run (the first call compiles)
-                state, metrics = common.block(p_step(state, parallel.shard(batch, devices), rng))
+                state, metrics = common.block(
+                    p_step(state, parallel.shard_batch(batch, devices), rng)
+                )
                 losses.append(float(metrics["loss"][0]))
             first_s = time.perf_counter() - start
-            final[n] = jax.device_get(parallel.unreplicate(state.params))
-            sharded = parallel.shard(batches[0], devices)
+            final[n] = parallel.to_host(state.params)
+            sharded = parallel.shard_batch(batches[0], devices)
             times = []
             for _ in range(rounds):
                 start = time.perf_counter()

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import os
 import shlex
 import sys
@@ -32,10 +30,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from benchmarks import records
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = (
     "mask_selection",
     "optimizer_update",
@@ -110,88 +109,6 @@ def run_suite(
     return results, errors
 
 
-def add_training_throughput(results: dict[str, Any]) -> None:
-    """Puts training throughput (ours, vanilla, from the train-step benchmark of the same run and
-    the same shapes) next to the Fisher pass's."""
-    for label, fisher in results.get("fisher_pass", {}).items():
-        train = results.get("train_step", {}).get(label, {})
-        same_shapes = all(train.get(k) == fisher.get(k) for k in ("batch_size", "seq_len"))
-        if "times" not in train or "fisher_per_batch_s" not in fisher or not same_shapes:
-            continue
-        step_s = train["times"]["ours/vanilla"]["median_s"]
-        fisher["examples_per_s"]["train_step (from train_step)"] = train["batch_size"] / step_s
-        fisher["fisher_per_batch_over_train_step"] = fisher["fisher_per_batch_s"] / step_s
-
-
-def write_json(record: dict[str, Any], out_dir: str) -> str:
-    """Writes (or rewrites) ``out_dir/results/<stamp>-<suite>.json``; returns its path."""
-    os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
-    stamp = record["started"].replace(":", "").replace("-", "").replace("+0000", "")
-    record["json"] = f"results/{stamp}-{record['suite']}.json"
-    path = os.path.join(out_dir, record["json"])
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)  # a reader (or a kill) never sees half a file
-    return path
-
-
-def write_outputs(record: dict[str, Any], out_dir: str, *, plots: bool = True) -> dict[str, str]:
-    """JSON under ``out_dir/results/``, a section appended to ``out_dir/RESULTS.md``, plots."""
-    from benchmarks import report
-
-    written = {"json": write_json(record, out_dir)}
-    if plots:
-        written.update(draw_plots(record, out_dir))
-    results_md = os.path.join(out_dir, "RESULTS.md")
-    new_file = not os.path.exists(results_md)
-    with open(results_md, "a") as f:
-        if new_file:
-            f.write("# Benchmark results\n\nOne section per run of `python -m benchmarks.run`.\n\n")
-        f.write(report.markdown(record) + "\n")
-    written["results_md"] = results_md
-    return written
-
-
-def draw_plots(record: dict[str, Any], out_dir: str) -> dict[str, str]:
-    from benchmarks import plots
-
-    m = record["machine"]
-    where = f"{m.get('device_kind', '?')}, {m['cpu_count']} cores, {record['started'][:10]}"
-    suffix = "" if record["suite"] == "cpu" else f"_{record['suite']}"
-    written = {}
-    results = record["results"]
-    train = {k: v for k, v in results.get("train_step", {}).items() if "times" in v}
-    if train:
-        path = plots.step_times(
-            train, os.path.join(out_dir, f"step_time{suffix}.png"), f"Train step ({where})"
-        )
-        if path:
-            written["step_time_png"] = path
-    mask = results.get("mask_selection", {})
-    if "main" in mask:
-        path = plots.mask_selection(
-            mask,
-            os.path.join(out_dir, f"mask_selection{suffix}.png"),
-            f"Mask selection, p=0.3 ({where})",
-        )
-        if path:
-            written["mask_selection_png"] = path
-    return written
-
-
-def new_record(suite: str, argv: list[str]) -> dict[str, Any]:
-    from benchmarks import common
-
-    return {
-        "suite": suite,
-        "command": " ".join(["python -m benchmarks.run", *map(shlex.quote, argv)]),
-        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
-        "machine": common.machine_info(),
-        "load_start": list(os.getloadavg()),
-    }
-
-
 @contextlib.contextmanager
 def shared_compilation_cache() -> Iterator[None]:
     """A persistent XLA compilation cache for this run and its subprocesses.
@@ -243,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    out_dir = args.out or (tempfile.mkdtemp(prefix="ctjax-bench-") if args.smoke else HERE)
+    out_dir = args.out or (tempfile.mkdtemp(prefix="ctjax-bench-") if args.smoke else records.HERE)
 
     if args.gpu:
         from benchmarks import gpu_profile
@@ -256,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             command=" ".join(["python -m benchmarks.run", *map(shlex.quote, argv)]),
         )
 
-    record = new_record("smoke" if args.smoke else "cpu", argv)
+    record = records.new_record("smoke" if args.smoke else "cpu", argv)
     start = time.perf_counter()
     with shared_compilation_cache():
         background = ("memory", "pmap_scaling") if args.smoke else ()
@@ -266,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     record.update(
         results=results, duration_s=time.perf_counter() - start, load_end=list(os.getloadavg())
     )
-    add_training_throughput(results)
-    written = write_outputs(record, out_dir, plots=not args.no_plots)
+    records.add_training_throughput(results)
+    written = records.write_outputs(record, out_dir, plots=not args.no_plots)
     for key, path in written.items():
         print(f"[benchmarks] wrote {key}: {path}")
     if errors:

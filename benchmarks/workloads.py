@@ -1,8 +1,9 @@
 """The training workload both frameworks run: BERT for sequence classification on random data.
 
-Ours: the Flax NNX model of ``childtuning_jax.models`` (random init), the official optimizer
-chain ``clip_by_global_norm(1.0) -> child_tuning_{f,d} | identity -> adamw`` (weight decay off
-biases and LayerNorm), in one jitted step with params and optimizer state donated.
+Ours: the Flax NNX model of ``childtuning_jax.models`` (random init), the trainer's recipe
+(``childtuning_trainer.recipe``: ``clip_by_global_norm(1.0) -> child_tuning_{f,d} | identity ->
+adamw``, weight decay off biases and LayerNorm) and the trainer's train step
+(``childtuning_trainer.steps``), jitted on one device with the state donated.
 PyTorch: see :mod:`benchmarks.torch_baseline`.
 """
 
@@ -19,10 +20,12 @@ import transformers
 from flax import nnx
 
 from benchmarks import common
-from childtuning_jax import child_tuning_d, child_tuning_f, fisher_mask, leaf_names, map_with_name
+from childtuning_jax import fisher_mask, leaf_names
 from childtuning_jax.models import from_config
+from childtuning_trainer import recipe, steps
+from childtuning_trainer.objective import Model, make_objective
 
-MODES = ("vanilla", "F", "D")
+MODES = recipe.MODES
 RESERVE_P = 0.3
 LEARNING_RATE = 2e-5
 WEIGHT_DECAY = 0.01
@@ -74,29 +77,18 @@ def random_batches(
 
 
 class JaxModel:
-    """A randomly initialised model split for functional use: ``graphdef``, ``params``, ``rest``."""
+    """A randomly initialised model split for functional use, with the trainer's objective."""
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, seed: int = 0):
         model = from_config(config, seed=seed, dtype=dtype)
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        graphdef, self.params, rest = nnx.split(model, nnx.Param, ...)
+        self.model = Model(graphdef, rest, config.num_labels)
+        self.objective = make_objective(self.model, regression=False)
         self.config = config
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         """Mean cross-entropy; dropout is on when ``rng`` is given (training mode)."""
-        module = nnx.merge(self.graphdef, params, self.rest)
-        logits = module(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            deterministic=rng is None,
-            dropout_rng=rng,
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-
-def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: not biases, not LayerNorm (the official no-decay list)."""
-    return map_with_name(lambda name, _: not ("bias" in name or "LayerNorm" in name), params)
+        return self.objective(params, batch, rng).mean()
 
 
 def random_child_mask(params: Any, reserve_p: float = RESERVE_P, seed: int = 0) -> Any:
@@ -109,37 +101,33 @@ def random_child_mask(params: Any, reserve_p: float = RESERVE_P, seed: int = 0) 
     return fisher_mask(fisher_tree, reserve_p)
 
 
+SETTINGS = recipe.OptimizerSettings(
+    learning_rate=LEARNING_RATE,
+    optimizer="adamw",
+    eps=ADAM_EPS,
+    weight_decay=WEIGHT_DECAY,
+    max_grad_norm=MAX_GRAD_NORM,
+)
+
+
 def make_tx(mode: str, params: Any, mask: Any = None) -> optax.GradientTransformation:
-    """The official optimizer chain for ``mode`` (``"vanilla"``, ``"F"`` or ``"D"``)."""
-    if mode == "F":
-        child = child_tuning_f(RESERVE_P, jax.random.key(1))
-    elif mode == "D":
-        if mask is None:
-            raise ValueError("mode 'D' needs a mask")
-        child = child_tuning_d(mask)
-    elif mode == "vanilla":
-        child = optax.identity()
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return optax.chain(
-        optax.clip_by_global_norm(MAX_GRAD_NORM),
-        child,
-        optax.adamw(
-            LEARNING_RATE, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, mask=decay_mask(params)
-        ),
-    )
+    """The trainer's optimizer chain for ``mode`` (``"vanilla"``, ``"F"`` or ``"D"``)."""
+    child = recipe.child_transform(mode, reserve_p=RESERVE_P, key=jax.random.key(1), mask=mask)
+    return recipe.make_optimizer(child, params, SETTINGS)
 
 
 def make_train_step(
     model: JaxModel, tx: optax.GradientTransformation
 ) -> Callable[[Any, Any, Batch, jax.Array], tuple[Any, Any, jax.Array]]:
-    """Jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``, with params
-    and optimizer state donated (updated in place)."""
+    """Jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``: the trainer's
+    step on one device, with params and optimizer state donated (updated in place)."""
+    trainer_step = steps.make_train_step(model.objective, tx, dropout=True, axis_name=None)
 
     def step(params, opt_state, batch, rng):
-        loss, grads = jax.value_and_grad(model.loss)(params, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        batch = {**batch, "weights": jnp.ones(batch["labels"].shape, jnp.float32)}
+        state = steps.TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+        state, metrics = trainer_step(state, batch, rng)
+        return state.params, state.opt_state, metrics["loss"]
 
     return jax.jit(step, donate_argnums=(0, 1))
 

@@ -11,28 +11,54 @@ the optimizer:
 from childtuning_jax.fisher import fisher_information
 from childtuning_jax.optim import HFAdamWState, hf_adamw
 from childtuning_jax.paths import keypath_to_str, leaf_names, map_with_name
+from childtuning_jax.regularizers import (
+    DecayToPretrainedState,
+    RecAdamState,
+    decay_to_pretrained,
+    mixout,
+    r3f_loss,
+    r3f_noise,
+    recadam,
+    symmetric_kl,
+    top_k_layers_mask,
+)
 from childtuning_jax.selection import fisher_mask, official_eligibility, percentile_threshold
 from childtuning_jax.transforms import (
     ChildTuningDState,
     ChildTuningFState,
+    check_reserve_p,
     child_tuning_d,
     child_tuning_f,
+    template_child_mask,
+    uniform_leaf_names,
 )
 
 __all__ = [
     "ChildTuningDState",
     "ChildTuningFState",
+    "DecayToPretrainedState",
     "HFAdamWState",
+    "RecAdamState",
+    "check_reserve_p",
     "child_tuning_d",
     "child_tuning_f",
+    "decay_to_pretrained",
     "fisher_information",
     "fisher_mask",
     "hf_adamw",
     "keypath_to_str",
     "leaf_names",
     "map_with_name",
+    "mixout",
     "official_eligibility",
     "percentile_threshold",
+    "r3f_loss",
+    "r3f_noise",
+    "recadam",
+    "symmetric_kl",
+    "template_child_mask",
+    "top_k_layers_mask",
+    "uniform_leaf_names",
 ]
 
 __version__ = "0.1.0"

@@ -200,7 +200,8 @@ def fisher_information(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch, or
         ``loss_fn(params, batch, rng)`` when ``rng`` is given (e.g. dropout, as during training).
-      params: the parameter pytree (any structure).
+      params: the parameter pytree, any structure: nested dicts, a Linen ``FrozenDict``, an NNX
+        ``State`` (e.g. ``nnx.state(model, nnx.Param)``, with or without ``Variable`` wrappers).
       batches: an iterable of batch pytrees whose leaves share a leading example axis.
       max_grad_norm: if given, each parameter tensor's gradient is clipped on its own to this
         norm before squaring, as the official code does with ``clip_grad_norm_(param, norm)``.
@@ -215,7 +216,8 @@ def fisher_information(
       chunk_size: examples vmapped together in the per-example rule (bounds memory).
 
     Returns:
-      A float32 pytree with the structure of ``params``.
+      A float32 pytree with the structure of ``params`` (an NNX ``State`` keeps its ``Variable``
+        wrappers), ready for :func:`childtuning_jax.fisher_mask`.
 
     Raises:
       ValueError: if ``batches`` is empty or a batch is malformed.

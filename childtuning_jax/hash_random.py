@@ -1,11 +1,11 @@
 """Counter-based random bits from a 32-bit integer hash: Bernoulli masks that fuse into the
 elementwise work that consumes them.
 
-``jax.random.bernoulli`` runs threefry per element: about 15 ns per element on a 2-core CPU, which
-made ChildTuning-F's gradient mask 10x an AdamW update, and took about a tenth of a BERT-base
-training step (batch 8 x 128) as dropout: moving dropout here cut the step from 11.2 to 10.1 s.
-Here each element's word is one hash of its index, ``lowbias32(index * (seed[1] | 1) + seed[0])``,
-with a per-call ``seed`` drawn by threefry.
+``jax.random.bernoulli`` runs threefry per element, many rounds of integer work for each random
+word; for a mask over every parameter (ChildTuning-F) or every activation (dropout) that costs more
+than the elementwise update it feeds. Here each element's word is one hash of its index,
+``lowbias32(index * (seed[1] | 1) + seed[0])``, with a per-call ``seed`` drawn by threefry, and it
+fuses into the consuming elementwise kernel.
 
 For a uniformly random ``seed[0]`` every element's word is exactly uniform over 2**32 values (the
 affine map and the hash are bijections of the index), so ``word < t`` holds with probability

@@ -4,7 +4,7 @@ The official code concatenates the Fisher information of every parameter whose n
 ``layer`` into one NumPy array, takes ``polar = np.percentile(all_values, 100 * (1 - reserve_p))``
 and keeps every value ``>= polar`` (Xu et al., 2021, Sec. 3.2); all other parameters (embeddings,
 pooler, classifier) are always trained. :func:`fisher_mask` returns the same mask, bit for bit,
-without the concatenation or a full sort, so it scales to BERT-large (about 302 M eligible values).
+without the concatenation or a full sort, so it scales to large models.
 
 Algorithm (exact order statistics from a sample and one bracketing pass):
 
@@ -20,8 +20,8 @@ Algorithm (exact order statistics from a sample and one bracketing pass):
    pass repeats, at worst over the whole range, so the result is always exact.
 4. The mask is ``value >= lo`` with the gathered values below the threshold switched off: no
    further full pass. Leaves on an accelerator are copied to host memory first, in one batched
-   transfer (on an H200 the earlier on-device variant of these passes took 1.24 s for BERT-base,
-   against 0.26 s for the host passes on 2 CPU cores); each mask goes back to its leaf's sharding.
+   transfer (these branchy, data-dependent passes run as many small eager ops on an accelerator);
+   each mask goes back to its leaf's sharding.
 
 No concatenated copy and no full sort: O(n) time, a few streaming reads of each leaf, and extra
 memory of one boolean per value (the mask itself) plus the sample and the bracket.
@@ -258,14 +258,16 @@ def fisher_mask(fisher: Any, reserve_p: float, *, where: Where | None = None) ->
 
     Args:
       fisher: a pytree of Fisher information (e.g. from :func:`fisher_information`), any float
-        dtype, on host or device.
+        dtype, on host or device; dicts, ``FrozenDict`` s and NNX ``State`` s (with or without
+        ``Variable`` wrappers) are named alike, by :mod:`childtuning_jax.paths`.
       reserve_p: the fraction of eligible parameters to keep, in (0, 1].
       where: ``where(name) -> bool`` on each leaf's ``/``-joined key path (e.g.
         ``bert/encoder/layer/3/attention/self/query/kernel``). Default: :func:`official_eligibility`
         (the name contains ``layer``).
 
     Returns:
-      A pytree of boolean arrays with the structure of ``fisher``.
+      A pytree of boolean arrays with the structure of ``fisher``; :func:`child_tuning_d` matches
+      it to the params by leaf name, so it need not share their pytree type.
 
     Raises:
       ValueError: reserve_p outside (0, 1]; ``where`` selects no leaf; a non-finite Fisher value

@@ -21,6 +21,7 @@ still applies to every decayed parameter. The official recipe's order is::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -127,7 +128,7 @@ def child_tuning_f(
         leaves, treedef = jax.tree.flatten(updates)
         if sampler == "hash":
             # All leaves' seeds from one threefry call: one call per leaf would be hundreds of
-            # small threefry graphs for XLA to compile (about 40 s more on CPU for BERT-base).
+            # small threefry graphs for XLA to compile.
             seeds = jax.random.bits(mask_key, (max(len(leaves), 1), 2), jnp.uint32)
         else:
             leaf_keys = jax.random.split(mask_key, max(len(leaves), 1))
@@ -156,12 +157,13 @@ class ChildTuningDState(NamedTuple):
 
     Kept in the state (not closed over as a constant) so it is checkpointed with the optimizer and
     replicated like any other optimizer state. Two leaves instead of one per parameter tensor: a
-    jitted train step that donates its optimizer state pays per argument, and on a GPU one mask
-    leaf per parameter tensor made ``chain(D, adamw)`` 1.23x ``adamw`` (H200, BERT-base).
+    jitted train step that donates its optimizer state pays a fixed cost per array argument, and
+    a mask leaf per parameter tensor would add one such argument for every tensor.
 
     Attributes:
       mask: 1-D bool, the mask of every mixed leaf (some True, some False), each flattened in C
-        order, concatenated in ``jax.tree.leaves`` order. One byte per parameter of those leaves.
+        order, concatenated in the mask's ``jax.tree.leaves`` order. One byte per parameter of
+        those leaves.
       uniform: 1-D bool, one value per uniform leaf (all True, like the embeddings, pooler and
         classifier that ChildTuning-D always trains, or all False), in the same order. The update
         reads no mask bytes for those leaves.
@@ -175,41 +177,84 @@ def _shape(leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
 
 
-def _check_same_layout(mask: Any, tree: Any, tree_name: str) -> None:
-    """Raises naming the first path where ``mask`` and ``tree`` differ in structure or shape."""
-    mask_leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
-    tree_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    mask_names = [paths.keypath_to_str(p) for p, _ in mask_leaves]
-    tree_names = [paths.keypath_to_str(p) for p, _ in tree_leaves]
-    for i, (mask_name, tree_name_i) in enumerate(zip(mask_names, tree_names, strict=False)):
-        if mask_name != tree_name_i:
-            raise ValueError(
-                f"mask and {tree_name} differ in structure at leaf {i}: the mask has "
-                f"'{mask_name}' where the {tree_name} have '{tree_name_i}'"
-            )
-        mask_shape = _shape(mask_leaves[i][1])
-        tree_shape = _shape(tree_leaves[i][1])
-        if mask_shape != tree_shape:
-            raise ValueError(
-                f"mask leaf '{mask_name}' has shape {mask_shape} but the {tree_name} leaf has "
-                f"shape {tree_shape}"
-            )
+_PARAMS_COLLECTION = "params/"
+
+
+def _strip_params_collection(names: list[str]) -> list[str] | None:
+    """The names without a leading Linen ``params`` collection, if every name has one."""
+    if names and all(name.startswith(_PARAMS_COLLECTION) for name in names):
+        return [name[len(_PARAMS_COLLECTION) :] for name in names]
+    return None
+
+
+def _align(mask_names: list[str], tree_names: list[str]) -> list[int] | None:
+    """For each tree leaf, the index of the mask leaf of the same name; None if the names differ.
+
+    Leaves are matched by name, so the order and node types of the two trees may differ (an NNX
+    ``State`` with ``Variable`` nodes or without, dicts or ``FrozenDict``).
+    """
+    if mask_names == tree_names:
+        return list(range(len(mask_names)))
     if len(mask_names) != len(tree_names):
-        extra = (
-            mask_names[len(tree_names)]
-            if len(mask_names) > len(tree_names)
-            else tree_names[len(mask_names)]
-        )
-        owner = "mask" if len(mask_names) > len(tree_names) else tree_name
+        return None
+    index = {name: i for i, name in enumerate(mask_names)}
+    if len(index) != len(mask_names) or set(tree_names) != index.keys():
+        return None  # different names, or repeated names that only position could tell apart
+    return [index[name] for name in tree_names]
+
+
+def _match_layout(
+    mask_names: list[str], mask_shapes: list[tuple[int, ...]], tree: Any, tree_name: str
+) -> tuple[list[Any], Any, list[int]]:
+    """Matches ``tree``'s leaves to the mask's by ``/``-joined name and checks their shapes.
+
+    Tree types do not matter: the mask may be an NNX ``State`` of ``Param`` s while ``tree`` holds
+    plain arrays (as ``nnx.Optimizer.update`` passes them), and a Linen ``params`` collection level
+    present on only one side is ignored. Returns ``tree``'s leaves, its treedef, and the mask index
+    of each leaf; raises ``ValueError`` naming the first path that differs.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    tree_names = [paths.keypath_to_str(p) for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    order = _align(mask_names, tree_names)
+    if order is None:
+        stripped_tree = _strip_params_collection(tree_names)
+        stripped_mask = _strip_params_collection(mask_names)
+        if stripped_tree is not None:
+            order = _align(mask_names, stripped_tree)
+        if order is None and stripped_mask is not None:
+            order = _align(stripped_mask, tree_names)
+    if order is None:
+        _raise_name_mismatch(mask_names, tree_names, tree_name)
+    for leaf, i, name in zip(leaves, order, tree_names, strict=True):
+        tree_shape = _shape(leaf)
+        if mask_shapes[i] != tree_shape:
+            raise ValueError(
+                f"mask leaf '{mask_names[i]}' has shape {mask_shapes[i]} but the {tree_name} leaf "
+                f"'{name}' has shape {tree_shape}"
+            )
+    return leaves, treedef, order
+
+
+def _raise_name_mismatch(mask_names: list[str], tree_names: list[str], tree_name: str) -> None:
+    """Raises a ``ValueError`` naming the first leaf where the names differ."""
+    if len(mask_names) != len(tree_names):
+        mask_longer = len(mask_names) > len(tree_names)
+        longer, shorter = (mask_names, tree_names) if mask_longer else (tree_names, mask_names)
+        known = set(shorter)
+        extra = next((name for name in longer if name not in known), longer[len(shorter)])
+        owner = "mask" if mask_longer else tree_name
         raise ValueError(
             f"mask has {len(mask_names)} leaves but the {tree_name} have {len(tree_names)}; "
             f"first unmatched leaf: '{extra}' (only in the {owner})"
         )
-    if jax.tree.structure(mask) != jax.tree.structure(tree):
-        raise ValueError(
-            f"mask and {tree_name} have the same leaf names but different tree structures: "
-            f"{jax.tree.structure(mask)} vs {jax.tree.structure(tree)}"
-        )
+    i, mask_name, tree_name_i = next(
+        (i, a, b) for i, (a, b) in enumerate(zip(mask_names, tree_names, strict=True)) if a != b
+    )
+    raise ValueError(
+        f"mask and {tree_name} differ in structure at leaf {i}: the mask has '{mask_name}' where "
+        f"the {tree_name} have '{tree_name_i}'"
+    )
 
 
 def _as_bool_mask(mask: Any) -> Any:
@@ -230,6 +275,12 @@ def _as_bool_mask(mask: Any) -> Any:
     return paths.map_with_name(convert, mask)
 
 
+def _is_uniform(leaf_mask: np.ndarray) -> bool:
+    """Whether ``child_tuning_d`` keeps this leaf in its ``uniform`` buffer: non-empty and all True
+    or all False. The one definition of a uniform leaf; it decides the state's layout."""
+    return bool(leaf_mask.size) and bool(leaf_mask.all() or not leaf_mask.any())
+
+
 def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     """ChildTuning-D: multiply gradients by a fixed boolean mask, without rescaling.
 
@@ -238,10 +289,16 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     Sec. 3.2; build it with :func:`childtuning_jax.fisher_information` and
     :func:`childtuning_jax.fisher_mask`). Elements where the mask is False get a zero gradient.
 
+    The mask is matched to the params and updates by leaf name (the ``/``-joined key paths of
+    :mod:`childtuning_jax.paths`) and shape, not by pytree type: a mask built from an NNX ``State``
+    of ``Param`` s works with the plain arrays ``nnx.Optimizer.update`` passes, and Linen dicts,
+    ``FrozenDict`` s and a ``{'params': ...}`` collection level on either side work too. The
+    updates come back in the structure they came in.
+
     Args:
-      mask: a pytree of boolean arrays (0/1 numbers are accepted) with the structure and leaf
-        shapes of the params. The state holds it as :class:`ChildTuningDState`: one byte per
-        parameter of the mixed leaves, one bool per uniform (all True or all False) leaf.
+      mask: a pytree of boolean arrays (0/1 numbers are accepted) with the leaf names and shapes
+        of the params. The state holds it as :class:`ChildTuningDState`: one byte per parameter of
+        the mixed leaves, one bool per uniform (all True or all False) leaf.
 
     Returns:
       An ``optax.GradientTransformation``. ``init`` (call it outside ``jit``) returns a fresh copy
@@ -249,13 +306,15 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
       updates the same way: a ``ValueError`` names the first differing path.
     """
     bool_mask = _as_bool_mask(mask)
-    leaves, treedef = jax.tree.flatten(bool_mask)
-    layout = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(m.shape, jnp.bool_) for m in leaves])
-    # Per leaf: ("uniform", index into state.uniform) or ("mixed", offset into state.mask, shape).
+    flat = jax.tree_util.tree_flatten_with_path(bool_mask)[0]
+    names = [paths.keypath_to_str(p) for p, _ in flat]
+    shapes = [m.shape for _, m in flat]
+    # Per mask leaf: ("uniform", index into state.uniform) or ("mixed", offset into state.mask,
+    # shape).
     slots: list[tuple[Any, ...]] = []
     uniform_values, mixed_parts, offset = [], [], 0
-    for m in leaves:
-        if m.size and (m.all() or not m.any()):
+    for _, m in flat:
+        if _is_uniform(m):
             slots.append(("uniform", len(uniform_values)))
             uniform_values.append(bool(m.flat[0]))
         else:
@@ -268,10 +327,10 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     packed_mask = np.packbits(np.concatenate(mixed_parts) if mixed_parts else np.zeros(0, bool))
     mixed_size = offset
     uniform_host = np.asarray(uniform_values, dtype=bool)
-    del bool_mask, leaves, mixed_parts
+    del bool_mask, flat, mixed_parts
 
     def init_fn(params: Any) -> ChildTuningDState:
-        _check_same_layout(layout, params, "params")
+        _match_layout(names, shapes, params, "params")
         unpacked = np.unpackbits(packed_mask, count=mixed_size).view(bool)  # 0/1 bytes: no copy
         return ChildTuningDState(mask=jnp.asarray(unpacked), uniform=jnp.asarray(uniform_host))
 
@@ -283,7 +342,7 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        _check_same_layout(layout, updates, "updates")
+        leaves, treedef, order = _match_layout(names, shapes, updates, "updates")
         expected = ((mixed_size,), (uniform_host.size,))
         if (np.shape(state.mask), np.shape(state.uniform)) != expected:
             raise ValueError(
@@ -292,9 +351,44 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
                 f"{expected[1]}: the state comes from a different mask"
             )
         masked = [
-            jnp.where(leaf_mask(state, slot), g, jnp.zeros((), g.dtype))
-            for g, slot in zip(treedef.flatten_up_to(updates), slots, strict=True)
+            jnp.where(leaf_mask(state, slots[i]), g, jnp.zeros((), g.dtype))
+            for g, i in zip(leaves, order, strict=True)
         ]
         return jax.tree.unflatten(treedef, masked), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def uniform_leaf_names(mask: Any) -> list[str]:
+    """Names of the mask's all-True or all-False leaves (child_tuning_d keeps them in its `uniform`
+    buffer, so they decide the state's layout).
+
+    Saved with a checkpoint, they let :func:`template_child_mask` rebuild a restore target without
+    recomputing the Fisher information.
+    """
+    bool_mask = _as_bool_mask(mask)
+    return [
+        name
+        for name, leaf in zip(paths.leaf_names(bool_mask), jax.tree.leaves(bool_mask), strict=True)
+        if _is_uniform(leaf)
+    ]
+
+
+def template_child_mask(params: Any, uniform_leaves: Sequence[str]) -> Any:
+    """A stand-in mask whose child_tuning_d state has the layout of a saved one (restore target):
+    all True on the uniform_leaves, mixed (first element False) elsewhere.
+
+    Only the layout is right, not the values: the checkpoint holds the real mask, and restoring
+    the optimizer state overwrites the template's. ``params`` are those the saved mask was built
+    for, in the same leaf order (the state concatenates mixed leaves in that order); they may be
+    abstract (``jax.ShapeDtypeStruct`` leaves). The template has their structure.
+    """
+    uniform = set(uniform_leaves)
+
+    def leaf(name: str, param: Any) -> np.ndarray:
+        mask = np.ones(_shape(param), bool)
+        if name not in uniform and mask.size:
+            mask.flat[0] = False
+        return mask
+
+    return paths.map_with_name(leaf, params)

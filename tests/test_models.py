@@ -1,4 +1,5 @@
-"""Flax BERT / RoBERTa: names, masks, dropout, gradients, jit/pmap, checkpoint errors (no torch)."""
+"""Flax BERT / RoBERTa (and ELECTRA / XLNet where noted): names, masks, dropout, gradients,
+jit/pmap, checkpoint errors, the embedding hook (no torch)."""
 
 import json
 import os
@@ -13,9 +14,11 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from childtuning_jax import official_eligibility
 from childtuning_jax.models import (
     BertForSequenceClassification,
     RobertaForSequenceClassification,
+    XLNetForSequenceClassification,
     from_config,
     from_pretrained,
     save_pretrained,
@@ -42,7 +45,72 @@ def roberta_config(**kw):
     return transformers.RobertaConfig(**{**SMALL, "pad_token_id": 1, **kw})
 
 
+def electra_config(**kw):
+    return transformers.ElectraConfig(**{**SMALL, "embedding_size": 8, **kw})
+
+
+def xlnet_config(**kw):
+    small = dict(vocab_size=64, d_model=16, n_layer=1, n_head=4, d_inner=32, initializer_range=0.2)
+    return transformers.XLNetConfig(**{**small, **kw})
+
+
 CONFIGS = {"bert": bert_config, "roberta": roberta_config}
+ALL_CONFIGS = {**CONFIGS, "electra": electra_config, "xlnet": xlnet_config}
+# Where each architecture keeps its encoder layers, and its parameters outside them.
+LAYER_PREFIX = {
+    "bert": "bert/encoder/layer/",
+    "roberta": "roberta/encoder/layer/",
+    "electra": "electra/encoder/layer/",
+    "xlnet": "transformer/layer/",
+}
+OUTSIDE_LAYERS = {
+    "bert": [
+        "bert/embeddings/LayerNorm/bias",
+        "bert/embeddings/LayerNorm/scale",
+        "bert/embeddings/position_embeddings/embedding",
+        "bert/embeddings/token_type_embeddings/embedding",
+        "bert/embeddings/word_embeddings/embedding",
+        "bert/pooler/dense/bias",
+        "bert/pooler/dense/kernel",
+        "classifier/bias",
+        "classifier/kernel",
+    ],
+    "roberta": [
+        "classifier/dense/bias",
+        "classifier/dense/kernel",
+        "classifier/out_proj/bias",
+        "classifier/out_proj/kernel",
+        "roberta/embeddings/LayerNorm/bias",
+        "roberta/embeddings/LayerNorm/scale",
+        "roberta/embeddings/position_embeddings/embedding",
+        "roberta/embeddings/token_type_embeddings/embedding",
+        "roberta/embeddings/word_embeddings/embedding",
+    ],
+    "electra": [
+        "classifier/dense/bias",
+        "classifier/dense/kernel",
+        "classifier/out_proj/bias",
+        "classifier/out_proj/kernel",
+        "electra/embeddings/LayerNorm/bias",
+        "electra/embeddings/LayerNorm/scale",
+        "electra/embeddings/position_embeddings/embedding",
+        "electra/embeddings/token_type_embeddings/embedding",
+        "electra/embeddings/word_embeddings/embedding",
+        "electra/embeddings_project/bias",
+        "electra/embeddings_project/kernel",
+    ],
+    "xlnet": [
+        "logits_proj/bias",
+        "logits_proj/kernel",
+        "sequence_summary/summary/bias",
+        "sequence_summary/summary/kernel",
+        "transformer/mask_emb",
+        "transformer/word_embedding/embedding",
+    ],
+}
+# Parameters per encoder layer.
+# XLNet: q, k, v, o, r, three biases, seg_embed, two LayerNorms, layer_1 and layer_2.
+PER_LAYER = {"bert": 16, "roberta": 16, "electra": 16, "xlnet": 17}
 
 
 @nnx.jit
@@ -87,6 +155,49 @@ def test_param_names_mirror_hf_and_eligibility_selects_encoder_layers(kind):
     assert len(under_layers) == 16 * 2
     params = nnx.state(model, nnx.Param)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("kind", sorted(ALL_CONFIGS))
+def test_official_eligibility_selects_exactly_the_encoder_layers(kind):
+    """ChildTuning-D's default rule ("layer" in the name, a substring match) on all four models."""
+    model = from_config(ALL_CONFIGS[kind](), num_labels=3)
+    names = leaf_names(nnx.state(model, nnx.Param))
+    eligible = [n for n in names if official_eligibility(n)]
+    assert eligible == [n for n in names if n.startswith(LAYER_PREFIX[kind])]
+    assert len(eligible) == PER_LAYER[kind] * model.config.num_hidden_layers
+    assert sorted(n for n in names if not official_eligibility(n)) == OUTSIDE_LAYERS[kind]
+
+
+def _word_embeddings(model) -> nnx.Embed:
+    if isinstance(model, XLNetForSequenceClassification):
+        return model.transformer.word_embedding
+    base = getattr(model, model.config.model_type)
+    return base.embeddings.word_embeddings
+
+
+@pytest.mark.parametrize("kind", sorted(ALL_CONFIGS))
+def test_perturb_embeddings_acts_on_the_word_embedding_lookup(kind):
+    config = ALL_CONFIGS[kind]()
+    model = from_config(config, num_labels=2, seed=11)
+    ids, mask, types = batch(config.pad_token_id)
+    call = lambda hook: nnx.jit(lambda m: m(ids, mask, types, perturb_embeddings=hook))(model)
+    plain = forward(model, ids, mask, types)
+    np.testing.assert_allclose(call(None), plain, atol=1e-6)  # another compilation
+    np.testing.assert_array_equal(call(lambda e: e), call(None))
+    # The hook sees the word embeddings alone: (batch, seq, embedding width), before positions,
+    # token types, LayerNorm (and ELECTRA's projection) are applied.
+    table = _word_embeddings(model).embedding
+    seen = []
+    record = lambda e: seen.append(e) or e
+    jax.eval_shape(lambda: model(ids, mask, types, perturb_embeddings=record))
+    assert seen[0].shape == (*ids.shape, table.shape[1])
+    # Adding delta to every lookup is the same as adding it to every row of the table.
+    delta = jax.random.normal(jax.random.key(0), (table.shape[1],))
+    perturbed = call(lambda e: e + delta)
+    assert not np.allclose(perturbed, plain, atol=1e-3)
+    shifted = from_config(config, num_labels=2, seed=11)
+    _word_embeddings(shifted).embedding[...] = table[...] + delta
+    np.testing.assert_allclose(perturbed, forward(shifted, ids, mask, types), atol=1e-5)
 
 
 def test_hf_initialisation():

@@ -293,3 +293,91 @@ def test_hash_sampler_refuses_more_elements_than_its_32_bit_index():
     assert jax.eval_shape(lambda s: hash_random.uniform_bits(largest, s), seed).shape == largest
     with pytest.raises(ValueError, match="sampler='jax'"):
         hash_random.uniform_bits((2**16, 2**16), seed)
+
+
+# --- Matching by leaf name; ChildTuningDState layout helpers ----------------------------------
+
+
+def test_d_matches_leaves_by_name_not_tree_type_or_order():
+    from flax import nnx
+    from flax.core import freeze
+
+    mask = {"a": np.array([True, False]), "b": {"0": np.array([False, True, True])}}
+    grads = {"a": jnp.ones(2), "b": {"0": jnp.ones(3)}}
+    expected = [np.array([1.0, 0.0]), np.array([0.0, 1.0, 1.0])]
+    variants = [
+        freeze(grads),
+        nnx.State(grads),
+        {"a": nnx.Param(grads["a"]), "b": {"0": nnx.Param(grads["b"]["0"])}},
+        {"params": grads},  # a Linen collection level on one side only
+        {"a": jnp.ones(2), "b": [jnp.ones(3)]},  # list index 0 names like the key "0"
+    ]
+    for tree in variants:
+        tx = ct.child_tuning_d(mask)
+        out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+        assert jax.tree.structure(out) == jax.tree.structure(tree)  # the updates' own structure
+        assert ct.leaf_names(out) == ct.leaf_names(tree)
+        for got, want in zip(jax.tree.leaves(out), expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), want)
+    # Leaves in another order still match: int keys 0..11 sort unlike their names "0".."11".
+    order_mask = {str(i): np.arange(3) == i % 3 for i in range(12)}
+    order_grads = {i: jnp.ones(3) for i in range(12)}
+    assert ct.leaf_names(order_mask) != ct.leaf_names(order_grads)  # "10" sorts before "2"
+    tx = ct.child_tuning_d(order_mask)
+    out, _ = tx.update(order_grads, tx.init(order_grads))
+    for i in range(12):
+        np.testing.assert_array_equal(np.asarray(out[i]), order_mask[str(i)])
+
+
+def test_d_same_leaf_count_but_other_names_is_named():
+    tx = ct.child_tuning_d({"a": np.array([True, False]), "b": np.array([True, False])})
+    with pytest.raises(ValueError, match="the mask has 'b' where the params have 'c'"):
+        tx.init({"a": jnp.ones(2), "c": jnp.ones(2)})
+    with pytest.raises(ValueError, match="'c'.*only in the updates"):
+        tx.update({"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}, None)
+
+
+def _layout_mask():
+    return {
+        "emb": np.ones((5, 4), bool),  # uniform True
+        "off": np.zeros((3,), bool),  # uniform False
+        "one": np.ones((1,), bool),  # a single element is always uniform
+        "empty": np.ones((0, 4), bool),  # empty: no uniform value, counted as mixed
+        "layer": {"k": np.array([[1, 0], [0, 1], [1, 1]], bool), "b": np.array([0, 1], bool)},
+    }
+
+
+def test_uniform_leaf_names_is_the_state_layout():
+    mask = _layout_mask()
+    names = ct.transforms.uniform_leaf_names(mask)
+    assert names == ["emb", "off", "one"]
+    params = jax.tree.map(lambda m: jnp.zeros(m.shape), mask)
+    state = ct.child_tuning_d(mask).init(params)
+    assert state.uniform.shape == (len(names),)
+    # 0/1 numbers and NNX Variables are read like the transform reads them.
+    from flax import nnx
+
+    as_ints = jax.tree.map(lambda m: m.astype(np.int8), mask)
+    assert ct.transforms.uniform_leaf_names(as_ints) == names
+    assert ct.transforms.uniform_leaf_names(nnx.State(jax.tree.map(nnx.Param, mask))) == names
+
+
+def test_template_mask_state_matches_the_saved_state_layout():
+    mask = _layout_mask()
+    params = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), mask)
+    uniform = ct.transforms.uniform_leaf_names(mask)
+    real_tx = ct.child_tuning_d(mask)
+    real = real_tx.init(params)
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    template = ct.transforms.template_child_mask(abstract, uniform)
+    assert ct.transforms.uniform_leaf_names(template) == uniform
+    template_tx = ct.child_tuning_d(template)
+    restore_target = template_tx.init(params)
+    assert jax.tree.structure(restore_target) == jax.tree.structure(real)
+    for t, r in zip(jax.tree.leaves(restore_target), jax.tree.leaves(real), strict=True):
+        assert (t.shape, t.dtype) == (r.shape, r.dtype)
+    # A transform built on the template, given the restored (real) state, masks like the real one.
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    want, _ = real_tx.update(grads, real)
+    got, _ = jax.jit(template_tx.update)(grads, jax.tree.map(np.asarray, real))
+    jax.tree.map(np.testing.assert_array_equal, got, want)

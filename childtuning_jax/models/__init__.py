@@ -1,12 +1,19 @@
-"""Flax NNX BERT and RoBERTa for sequence classification, weight for weight as ``transformers``.
+"""Flax NNX BERT, RoBERTa, ELECTRA and XLNet for sequence classification, as ``transformers``.
 
 ``transformers`` 5 has no Flax models, so these are carried here; Hugging Face checkpoints load
 with :func:`from_pretrained` and save back with :func:`save_pretrained`. Parameter names mirror
-the PyTorch module names (``bert/encoder/layer/3/attention/self/query/kernel``), so Child-Tuning-D's
-default eligibility rule (the name contains ``layer``) selects exactly the encoder layers.
+the PyTorch module names (``bert/encoder/layer/3/attention/self/query/kernel``,
+``transformer/layer/3/rel_attn/q``), so Child-Tuning-D's default eligibility rule (the name
+contains ``layer``) selects exactly the encoder layers.
+
+Every model is called as ``model(input_ids, attention_mask=None, token_type_ids=None, *,
+deterministic=True, dropout_rng=None, perturb_embeddings=None)`` and returns float32 logits
+``(batch, num_labels)``; ``perturb_embeddings`` maps the word-embedding lookup before anything is
+added to it (R3F's noise on input embeddings).
 """
 
 from childtuning_jax.models.bert import BertForSequenceClassification
+from childtuning_jax.models.electra import ElectraForSequenceClassification
 from childtuning_jax.models.pretrained import (
     ARCHITECTURES,
     from_config,
@@ -16,11 +23,14 @@ from childtuning_jax.models.pretrained import (
     save_pretrained,
 )
 from childtuning_jax.models.roberta import RobertaForSequenceClassification
+from childtuning_jax.models.xlnet import XLNetForSequenceClassification
 
 __all__ = [
     "ARCHITECTURES",
     "BertForSequenceClassification",
+    "ElectraForSequenceClassification",
     "RobertaForSequenceClassification",
+    "XLNetForSequenceClassification",
     "from_config",
     "from_pretrained",
     "load_config",

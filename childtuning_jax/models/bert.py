@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from childtuning_jax.models.encoder import (
+    EmbeddingHook,
     EncoderModel,
     FrozenConfig,
     check_config,
@@ -57,14 +58,19 @@ class BertForSequenceClassification(nnx.Module):
         *,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
+        perturb_embeddings: EmbeddingHook | None = None,
     ) -> jax.Array:
         """Float32 logits of shape ``(batch, num_labels)``.
 
         Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
+        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, hidden)`` before
+        positions and token types are added (e.g. R3F's noise); ``None`` leaves it unchanged.
         """
         rate = self.classifier_rate
         n = self.bert.num_keys
         keys = dropout_keys(self.config, deterministic, dropout_rng, n + 1, (rate,))
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)))
+        _, pooled = self.bert(
+            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
+        )
         logits = self.classifier(dropout(pooled, rate, take(keys, n)))
         return logits.astype(jnp.float32)

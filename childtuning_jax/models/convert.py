@@ -2,8 +2,10 @@
 
 A Flax parameter name maps to a PyTorch state-dict key by joining with ``.`` and renaming the
 leaf: ``kernel`` -> ``weight`` (transposed: Flax ``(in, out)``, PyTorch ``(out, in)``),
-``embedding`` -> ``weight``, LayerNorm ``scale`` -> ``weight``, ``bias`` -> ``bias``.
-No torch is needed for safetensors; ``pytorch_model.bin`` needs torch.
+``embedding`` -> ``weight``, LayerNorm ``scale`` -> ``weight``, ``bias`` -> ``bias``. XLNet's bare
+``nn.Parameter`` tensors (``q``, ``k``, ``v``, ``o``, ``r``, ``r_r_bias``, ``r_s_bias``,
+``r_w_bias``, ``seg_embed``, ``mask_emb``) keep their names and layouts. No torch is needed
+for safetensors; ``pytorch_model.bin`` needs torch.
 """
 
 from __future__ import annotations
@@ -25,14 +27,26 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH, PYTORCH_INDEX)
 
 _LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Parameters that are bare tensors in PyTorch (XLNet): same name, same layout, N(0, std) init.
+_RAW_LEAVES = frozenset(
+    ("q", "k", "v", "o", "r", "r_r_bias", "r_s_bias", "r_w_bias", "seg_embed", "mask_emb")
+)
 # Buffers and pre-training heads a sequence-classification model does not use.
 _IGNORED_SUFFIXES = (".position_ids", ".token_type_ids")
-_IGNORED_PREFIXES = ("cls.", "lm_head.", "roberta.pooler.")
+_IGNORED_PREFIXES = (
+    "cls.",  # BERT
+    "lm_head.",  # RoBERTa
+    "roberta.pooler.",
+    "discriminator_predictions.",  # ELECTRA
+    "lm_loss.",  # XLNet
+)
 
 
 def torch_key(name: str) -> tuple[str, bool]:
     """The PyTorch key for Flax parameter ``name`` and whether the array is transposed."""
     *path, leaf = name.split("/")
+    if leaf in _RAW_LEAVES:
+        return name.replace("/", "."), False
     if leaf not in _LEAF_TO_TORCH:
         raise ValueError(f"No PyTorch name for parameter {name!r} (unknown leaf {leaf!r})")
     return ".".join([*path, _LEAF_TO_TORCH[leaf]]), leaf == "kernel"
@@ -131,11 +145,11 @@ def init_like_hf(
 ) -> np.ndarray:
     """Hugging Face's ``_init_weights`` for one tensor.
 
-    N(0, ``std``) weights and embeddings (an embedding's padding row zero), zero biases, unit
-    LayerNorm scales.
+    N(0, ``std``) weights, embeddings and XLNet's bare tensors (an embedding's padding row
+    zero), zero biases, unit LayerNorm scales.
     """
     leaf = name.rsplit("/", 1)[-1]
-    if leaf in ("kernel", "embedding"):
+    if leaf in ("kernel", "embedding") or leaf in _RAW_LEAVES:
         value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         if padding_idx is not None and 0 <= padding_idx < shape[0]:
             value[padding_idx] = 0.0
@@ -170,8 +184,9 @@ def params_from_state_dict(
     Args:
       abstract: parameters to fill, named as in :mod:`childtuning_jax.paths`.
       state: a PyTorch state dict (numpy arrays), with or without the ``base_prefix.`` prefix
-        (a bare ``BertModel`` / ``RobertaModel`` checkpoint has none).
-      base_prefix: the encoder's name, ``"bert"`` or ``"roberta"``.
+        (a bare ``BertModel`` / ``RobertaModel`` / ... checkpoint has none).
+      base_prefix: the encoder's name: ``"bert"``, ``"roberta"``, ``"electra"`` or
+        ``"transformer"`` (XLNet).
       head_prefixes: Flax name prefixes of the task head; these may be missing from the
         checkpoint and are then initialised as Hugging Face does (N(0, ``std``), zero bias).
       std: ``initializer_range``.

@@ -1,4 +1,4 @@
-"""The Transformer encoder shared by BERT and RoBERTa, written as Flax NNX modules.
+"""The Transformer encoder shared by BERT, RoBERTa and ELECTRA, written as Flax NNX modules.
 
 Module and attribute names mirror Hugging Face ``transformers`` (``encoder/layer/3/attention/self/
 query``), so parameter names read like PyTorch state-dict keys and the official Child-Tuning-D
@@ -7,6 +7,9 @@ eligibility rule (the name contains ``layer``) selects exactly the encoder layer
 Parameters are float32; ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``). Dropout holds no
 hidden RNG state: every call takes an explicit ``dropout_rng`` key (``None`` = evaluation), so a
 model split with ``nnx.split`` stays a pure function under ``jax.jit`` and ``jax.pmap``.
+
+Every model takes a ``perturb_embeddings`` hook, applied to the word-embedding lookup before
+anything is added to it (R3F's noise on input embeddings); ``None`` leaves the model unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from childtuning_jax import hash_random
 
 Array = jax.Array
 Key = jax.Array | None
+# Maps the word-embedding lookup (batch, seq, features) to a perturbed one of the same shape.
+EmbeddingHook = Callable[[Array], Array]
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch
@@ -90,9 +95,8 @@ def dropout(x: Array, rate: float, key: Key) -> Array:
     """Inverted dropout, as ``torch.nn.Dropout`` in training; identity when ``key`` is ``None``.
 
     The mask comes from :func:`childtuning_jax.hash_random.bernoulli` (one hash per element, fused
-    into the scaling) rather than per-element threefry, which took about a tenth of a BERT-base
-    training step on CPU (11.2 s against 10.1 s). Each element is kept with probability
-    ``1 - rate`` within 2**-32.
+    into the scaling) rather than per-element threefry, which is a noticeable share of a training
+    step. Each element is kept with probability ``1 - rate`` within 2**-32.
     """
     if key is None or rate == 0.0:
         return x
@@ -118,10 +122,13 @@ def linear(n_in: int, n_out: int, config: Any, dtype: Any, rngs: nnx.Rngs) -> nn
     )
 
 
-def layer_norm(config: Any, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(
+    config: Any, dtype: Any, rngs: nnx.Rngs, features: int | None = None
+) -> nnx.LayerNorm:
+    """``nn.LayerNorm`` over ``features`` (default ``hidden_size``) with ``layer_norm_eps``."""
     # Two-pass variance, as torch (Flax's default E[x^2] - E[x]^2 loses precision).
     return nnx.LayerNorm(
-        config.hidden_size,
+        features or config.hidden_size,
         epsilon=config.layer_norm_eps,
         use_fast_variance=False,
         dtype=dtype,
@@ -131,12 +138,20 @@ def layer_norm(config: Any, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def embedding(
-    num: int, config: Any, dtype: Any, rngs: nnx.Rngs, padding_idx: int | None
+    num: int,
+    config: Any,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    padding_idx: int | None,
+    features: int | None = None,
 ) -> nnx.Embed:
-    """``nn.Embedding`` as Hugging Face initialises it (the padding row, if any, is zero)."""
+    """``nn.Embedding`` as Hugging Face initialises it (the padding row, if any, is zero).
+
+    ``features`` defaults to ``hidden_size`` (ELECTRA's embeddings have their own size).
+    """
     embed = nnx.Embed(
         num,
-        config.hidden_size,
+        features or config.hidden_size,
         embedding_init=nnx.initializers.normal(config.initializer_range),
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -151,17 +166,34 @@ class Embeddings(nnx.Module):
     """Word + absolute position + token-type embeddings, LayerNorm and dropout.
 
     ``roberta_positions=True`` numbers positions as RoBERTa does: from ``pad_token_id + 1``,
-    skipping padding tokens (which get position ``pad_token_id``).
+    skipping padding tokens (which get position ``pad_token_id``). ``features`` is the embedding
+    width, ``hidden_size`` unless given (ELECTRA's ``embedding_size``).
     """
 
-    def __init__(self, config: Any, *, roberta_positions: bool, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Any,
+        *,
+        roberta_positions: bool,
+        dtype: Any,
+        rngs: nnx.Rngs,
+        features: int | None = None,
+    ):
         pad = config.pad_token_id
-        self.word_embeddings = embedding(config.vocab_size, config, dtype, rngs, pad)
+        size = features or config.hidden_size
+        self.word_embeddings = embedding(config.vocab_size, config, dtype, rngs, pad, size)
         self.position_embeddings = embedding(
-            config.max_position_embeddings, config, dtype, rngs, pad if roberta_positions else None
+            config.max_position_embeddings,
+            config,
+            dtype,
+            rngs,
+            pad if roberta_positions else None,
+            size,
         )
-        self.token_type_embeddings = embedding(config.type_vocab_size, config, dtype, rngs, None)
-        self.LayerNorm = layer_norm(config, dtype, rngs)
+        self.token_type_embeddings = embedding(
+            config.type_vocab_size, config, dtype, rngs, None, size
+        )
+        self.LayerNorm = layer_norm(config, dtype, rngs, size)
         self.roberta_positions = roberta_positions
         self.pad_token_id = pad
         self.max_positions = config.max_position_embeddings
@@ -184,15 +216,21 @@ class Embeddings(nnx.Module):
             )
         return jnp.broadcast_to(jnp.arange(length), input_ids.shape)
 
-    def __call__(self, input_ids: Array, token_type_ids: Array | None, key: Key) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        token_type_ids: Array | None,
+        key: Key,
+        perturb_embeddings: EmbeddingHook | None = None,
+    ) -> Array:
+        """``perturb_embeddings`` maps the word embeddings alone, before the sum and LayerNorm."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         positions = self.position_ids(input_ids)
-        x = (
-            self.word_embeddings(input_ids)
-            + self.token_type_embeddings(token_type_ids)
-            + self.position_embeddings(positions)
-        )
+        words = self.word_embeddings(input_ids)
+        if perturb_embeddings is not None:
+            words = perturb_embeddings(words)
+        x = words + self.token_type_embeddings(token_type_ids) + self.position_embeddings(positions)
         return dropout(self.LayerNorm(x), self.rate, key)
 
 
@@ -306,7 +344,12 @@ class Pooler(nnx.Module):
 
 
 class EncoderModel(nnx.Module):
-    """Embeddings + encoder (+ BERT's pooler): HF ``BertModel`` / ``RobertaModel``."""
+    """Embeddings + encoder (+ BERT's pooler): HF ``BertModel`` / ``RobertaModel`` /
+    ``ElectraModel``.
+
+    ``embedding_size`` (ELECTRA) gives the embeddings their own width; when it differs from
+    ``hidden_size``, ``embeddings_project`` (a linear layer) maps them to the encoder's width.
+    """
 
     def __init__(
         self,
@@ -316,9 +359,16 @@ class EncoderModel(nnx.Module):
         add_pooling_layer: bool,
         dtype: Any,
         rngs: nnx.Rngs,
+        embedding_size: int | None = None,
     ):
+        size = embedding_size or config.hidden_size
         self.embeddings = Embeddings(
-            config, roberta_positions=roberta_positions, dtype=dtype, rngs=rngs
+            config, roberta_positions=roberta_positions, dtype=dtype, rngs=rngs, features=size
+        )
+        self.embeddings_project = (
+            linear(size, config.hidden_size, config, dtype, rngs)
+            if size != config.hidden_size
+            else None
         )
         self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
         self.pooler = Pooler(config, dtype=dtype, rngs=rngs) if add_pooling_layer else None
@@ -330,14 +380,18 @@ class EncoderModel(nnx.Module):
         attention_mask: Array | None,
         token_type_ids: Array | None,
         keys: Key,
+        perturb_embeddings: EmbeddingHook | None = None,
     ) -> tuple[Array, Array | None]:
         """Returns the last hidden states and, with a pooler, the pooled first token.
 
         ``keys``: ``self.num_keys`` dropout keys, or ``None`` in evaluation.
+        ``perturb_embeddings``: applied to the word-embedding lookup (see :class:`Embeddings`).
         """
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids, take(keys, 0))
+        x = self.embeddings(input_ids, token_type_ids, take(keys, 0), perturb_embeddings)
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)
         x = self.encoder(x, attention_mask, take(keys, slice(1, None)))
         return x, None if self.pooler is None else self.pooler(x)
 
@@ -348,11 +402,16 @@ def dropout_keys(
     """``num`` dropout keys split from ``dropout_rng`` for one call; ``None`` in evaluation mode.
 
     Raises ``ValueError`` in training mode (``deterministic=False``) without ``dropout_rng`` when
-    any dropout rate is non-zero.
+    any dropout rate is non-zero: the config's ``hidden_dropout_prob`` and
+    ``attention_probs_dropout_prob`` (where it has them) or one of ``rates``.
     """
     if deterministic:
         return None
-    active = max((config.hidden_dropout_prob, config.attention_probs_dropout_prob, *rates))
+    config_rates = (
+        getattr(config, "hidden_dropout_prob", 0.0),
+        getattr(config, "attention_probs_dropout_prob", 0.0),
+    )
+    active = max((*config_rates, *rates))
     if dropout_rng is None:
         if active > 0.0:
             raise ValueError("deterministic=False needs a dropout_rng key (dropout is active)")

@@ -20,9 +20,16 @@ from flax import nnx
 
 from childtuning_jax.models import convert
 from childtuning_jax.models.bert import BertForSequenceClassification
+from childtuning_jax.models.electra import ElectraForSequenceClassification
 from childtuning_jax.models.roberta import RobertaForSequenceClassification
+from childtuning_jax.models.xlnet import XLNetForSequenceClassification
 
-Model = BertForSequenceClassification | RobertaForSequenceClassification
+Model = (
+    BertForSequenceClassification
+    | RobertaForSequenceClassification
+    | ElectraForSequenceClassification
+    | XLNetForSequenceClassification
+)
 
 
 class Architecture(NamedTuple):
@@ -52,6 +59,20 @@ ARCHITECTURES: dict[str, Architecture] = {
             "roberta/embeddings/word_embeddings/embedding",
             "roberta/embeddings/position_embeddings/embedding",
         ),
+    ),
+    "electra": Architecture(
+        ElectraForSequenceClassification,
+        "electra",
+        ("classifier/",),
+        "ElectraForSequenceClassification",
+        ("electra/embeddings/word_embeddings/embedding",),
+    ),
+    "xlnet": Architecture(
+        XLNetForSequenceClassification,
+        "transformer",
+        ("sequence_summary/", "logits_proj/"),
+        "XLNetForSequenceClassification",
+        (),  # XLNet's word embedding has no padding row
     ),
 }
 
@@ -91,7 +112,8 @@ def from_config(
     """A randomly initialised model (as Hugging Face initialises it) for a ``transformers`` config.
 
     Args:
-      config: a ``BertConfig`` or ``RobertaConfig`` (it is copied, not changed).
+      config: a ``BertConfig``, ``RobertaConfig``, ``ElectraConfig`` or ``XLNetConfig`` (it is
+        copied, not changed).
       num_labels: output size; 1 is regression. ``None`` keeps ``config.num_labels``.
       seed: seeds the initialisation.
       dtype: compute dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
@@ -179,12 +201,14 @@ def from_pretrained(
     ignore_mismatched_sizes: bool = False,
     **config_overrides: Any,
 ) -> Model:
-    """Loads a Hugging Face BERT or RoBERTa checkpoint as a Flax sequence classifier.
+    """Loads a Hugging Face BERT / RoBERTa / ELECTRA / XLNet checkpoint as a Flax classifier.
 
-    The encoder must be in the checkpoint (prefixed ``bert.``/``roberta.`` or bare, as saved by
-    ``BertModel``); a missing head (BERT's pooler and classifier, RoBERTa's classifier) is
+    The encoder must be in the checkpoint (prefixed ``bert.``/``roberta.``/``electra.``/
+    ``transformer.`` or bare, as saved by ``BertModel``); a missing head (BERT's pooler and
+    classifier, RoBERTa's and ELECTRA's classifier, XLNet's sequence summary and logits_proj) is
     initialised as Hugging Face does (N(0, initializer_range), zero bias) with a warning that
-    names the tensors.
+    names the tensors. Pre-training heads (``cls.``, ``lm_head.``, ELECTRA's
+    ``discriminator_predictions.``, XLNet's ``lm_loss.``) are skipped silently.
 
     Args:
       name_or_path: a local folder (works offline) or a hub name (needs the hub or its cache).

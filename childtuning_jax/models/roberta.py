@@ -15,6 +15,7 @@ from flax import nnx
 
 from childtuning_jax.models.bert import classifier_dropout_rate
 from childtuning_jax.models.encoder import (
+    EmbeddingHook,
     EncoderModel,
     FrozenConfig,
     check_config,
@@ -65,13 +66,18 @@ class RobertaForSequenceClassification(nnx.Module):
         *,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
+        perturb_embeddings: EmbeddingHook | None = None,
     ) -> jax.Array:
         """Float32 logits of shape ``(batch, num_labels)``.
 
         Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
+        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, hidden)`` before
+        positions and token types are added (e.g. R3F's noise); ``None`` leaves it unchanged.
         """
         n = self.roberta.num_keys
         num = n + RobertaClassificationHead.num_keys
         keys = dropout_keys(self.config, deterministic, dropout_rng, num, (self.classifier.rate,))
-        hidden, _ = self.roberta(input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)))
+        hidden, _ = self.roberta(
+            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
+        )
         return self.classifier(hidden, take(keys, slice(n, None))).astype(jnp.float32)

@@ -10,39 +10,23 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING
 
+import datasets
 import numpy as np
 
-from childtuning_jax.glue.tasks import GlueTask
+from childtuning_trainer.tasks.base import DataError, Examples
+
+if TYPE_CHECKING:
+    from childtuning_trainer.tasks.glue.tasks import GlueTask
 
 HUB_DATASET = "nyu-mll/glue"
 
 
-class GlueDataError(ValueError):
+class GlueDataError(DataError):
     """A GLUE file or folder that cannot be read as the task expects."""
-
-
-class Examples(NamedTuple):
-    """The examples of one split, as parallel columns.
-
-    Attributes:
-      text_a: the first (or only) text of every example.
-      text_b: the second text of every example, ``None`` for single-sentence tasks.
-      labels: label ids (int32), or float32 targets for regression.
-    """
-
-    text_a: list[str]
-    text_b: list[str] | None
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.text_a)
-
-    def select(self, indices: np.ndarray) -> Examples:
-        """The examples at ``indices``, in that order."""
-        pick = lambda texts: None if texts is None else [texts[i] for i in indices]
-        return Examples(pick(self.text_a), pick(self.text_b), self.labels[np.asarray(indices)])
 
 
 def split_path(task: GlueTask, data_dir: str, filename: str) -> str:
@@ -132,11 +116,33 @@ def load_tsv_splits(task: GlueTask, data_dir: str) -> tuple[Examples, list[Examp
     return train, dev
 
 
+def _resolves(host: str | None) -> bool:
+    """Whether ``host`` has an address (no network: fail at once, not after the hub's retries)."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
     """The training split and every dev split of ``task`` from the ``nyu-mll/glue`` hub dataset."""
-    import datasets  # only needed here
-
-    ds = datasets.load_dataset(HUB_DATASET, task.name)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    if not offline and not _resolves(host):
+        raise GlueDataError(
+            f"Cannot reach the hub ({host}) to load {HUB_DATASET}/{task.name}: set "
+            "--config.data_dir to a folder of the original GLUE files (or HF_HUB_OFFLINE=1 to "
+            "use a cached copy)."
+        )
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.name)
+    except Exception as e:  # noqa: BLE001 - offline, missing cache, hub errors: one clear line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GlueDataError(
+            f"Cannot load {HUB_DATASET}/{task.name} from the hub ({reason}); without network, "
+            "set --config.data_dir to a folder of the original GLUE files."
+        ) from e
     columns = task.hub_text_columns or task.text_columns
     if not task.is_regression:
         names = ds["train"].features["label"].names

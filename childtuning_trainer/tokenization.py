@@ -1,4 +1,4 @@
-"""Turning GLUE examples into fixed-length model inputs with a ``transformers`` fast tokenizer.
+"""Turning examples into model inputs with a ``transformers`` fast tokenizer.
 
 Every example is padded (and truncated, longest text first) to ``max_seq_length`` so that batch
 shapes never change and a jitted step compiles once.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import datasets
 import numpy as np
 
-from childtuning_jax.glue.data import Examples
+from childtuning_trainer.tasks.base import Examples
 
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -30,8 +31,6 @@ def tokenize(
       ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32, shape ``(n, max_seq_length)``)
       and ``labels`` (int32 ids or float32 targets, shape ``(n,)``).
     """
-    import datasets  # only needed here
-
     columns: dict[str, Any] = {"text_a": examples.text_a}
     if examples.text_b is not None:
         columns["text_b"] = examples.text_b

@@ -1,4 +1,4 @@
-"""GLUE input pipeline for train.py: load, subset, tokenise, and cut into fixed-shape batches.
+"""The input pipeline: load a task's splits, subset, tokenise, and cut into fixed-shape batches.
 
 Every batch has exactly the global batch size, so the pmapped steps compile once. A short last
 batch is filled up with copies of its first example whose ``weights`` are 0: training then averages
@@ -17,15 +17,16 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from childtuning_jax import glue
+from childtuning_trainer.tasks import Examples, Task
+from childtuning_trainer.tokenization import tokenize
 
 Batch = dict[str, np.ndarray]
 
 
-class GlueData(NamedTuple):
+class TaskData(NamedTuple):
     """Tokenised training and dev sets of one task (``dev`` parallels ``task.dev_sets``)."""
 
-    task: glue.GlueTask
+    task: Task
     train: Batch
     dev: list[Batch]
 
@@ -42,11 +43,9 @@ def subset_indices(num_examples: int, max_samples: int, seed: int) -> np.ndarray
     return np.sort(chosen)
 
 
-def load_examples(
-    config: ml_collections.ConfigDict, task: glue.GlueTask
-) -> tuple[glue.Examples, list[glue.Examples]]:
+def load_examples(config: ml_collections.ConfigDict, task: Task) -> tuple[Examples, list[Examples]]:
     """Reads (and subsets) the task's training and dev examples, before any tokenisation."""
-    train, dev = glue.load_splits(task, config.data_dir or None)
+    train, dev = task.load_splits(config.data_dir or None)
     train = train.select(subset_indices(len(train), config.max_train_samples, config.seed))
     if config.max_eval_samples > 0:
         dev = [d.select(np.arange(min(len(d), config.max_eval_samples))) for d in dev]
@@ -54,13 +53,11 @@ def load_examples(
 
 
 def tokenize_all(
-    train: glue.Examples, dev: list[glue.Examples], task: glue.GlueTask, tokenizer: Any, length: int
-) -> GlueData:
+    train: Examples, dev: list[Examples], task: Task, tokenizer: Any, length: int
+) -> TaskData:
     """Tokenises every split to ``length`` tokens."""
-    return GlueData(
-        task,
-        glue.tokenize(train, tokenizer, length),
-        [glue.tokenize(d, tokenizer, length) for d in dev],
+    return TaskData(
+        task, tokenize(train, tokenizer, length), [tokenize(d, tokenizer, length) for d in dev]
     )
 
 

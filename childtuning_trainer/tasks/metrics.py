@@ -1,4 +1,4 @@
-"""GLUE's metrics, computed with scikit-learn and SciPy under GLUE's own names.
+"""Metrics under GLUE's names, computed with scikit-learn and SciPy; any task may list them.
 
 CoLA: ``matthews_correlation``; MRPC and QQP: ``accuracy`` and ``f1`` (of the positive class);
 STS-B: ``pearson`` and ``spearmanr``; every other task: ``accuracy``.
@@ -10,10 +10,10 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from childtuning_jax.glue.tasks import GlueTask
+from childtuning_trainer.tasks.base import Task
 
 
-def predictions(task: GlueTask, logits: np.ndarray) -> np.ndarray:
+def predictions(task: Task, logits: np.ndarray) -> np.ndarray:
     """Predicted label ids (argmax), or the regression output itself, from model outputs."""
     logits = np.asarray(logits)
     if task.is_regression:
@@ -21,7 +21,7 @@ def predictions(task: GlueTask, logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
 
 
-def compute_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """GLUE's metrics of ``task`` for predictions ``preds`` (see :func:`predictions`)."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.shape != labels.shape:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from childtuning_trainer.tasks.base import Examples
+from childtuning_trainer.tasks.glue import data
+
 
 class DevSet(NamedTuple):
     """One evaluation split of a task.
@@ -21,6 +24,10 @@ class DevSet(NamedTuple):
     filename: str
     hub_split: str
     suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.filename
 
 
 class GlueTask(NamedTuple):
@@ -60,6 +67,10 @@ class GlueTask(NamedTuple):
     def num_labels(self) -> int:
         """Size of the model's output layer (1 for regression)."""
         return len(self.labels) or 1
+
+    def load_splits(self, data_dir: str | None) -> tuple[Examples, list[Examples]]:
+        """The training and dev splits from a GLUE folder, or from the hub if it is empty."""
+        return data.load_splits(self, data_dir)
 
 
 _BINARY = ("0", "1")

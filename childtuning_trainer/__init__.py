@@ -1,0 +1,14 @@
+"""The Child-Tuning fine-tuning trainer behind ``train.py`` (install with the ``train`` extra).
+
+One module per idea; imports run one way, from the library (``childtuning_jax``) into here:
+
+* :mod:`~childtuning_trainer.config_checks` -- configuration checks before any work;
+* :mod:`~childtuning_trainer.tasks` -- the task registry (GLUE is one family) and metrics;
+* :mod:`~childtuning_trainer.input_pipeline`, :mod:`~childtuning_trainer.tokenization` -- data;
+* :mod:`~childtuning_trainer.objective` -- the model call and the loss (the seam regularisers wrap);
+* :mod:`~childtuning_trainer.recipe` -- optimizer chain and ChildTuning-D mask rule, by name;
+* :mod:`~childtuning_trainer.parallel` -- devices, axis, replication, per-host batch shares;
+* :mod:`~childtuning_trainer.steps` -- the train and eval steps;
+* :mod:`~childtuning_trainer.checkpoints`, :mod:`~childtuning_trainer.outputs` -- what is saved;
+* :mod:`~childtuning_trainer.loop` -- the run, ``train_and_evaluate(config)``.
+"""

@@ -1,0 +1,93 @@
+"""Checkpoints: orbax saves of the whole training state with the run's JSON bookkeeping.
+
+A checkpoint holds everything that determines the rest of the run: parameters, the optimizer state
+(with ChildTuning-F's key or ChildTuning-D's mask), the step, where the data stream stands, and the
+dev results so far, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from childtuning_trainer import parallel
+
+# Settings a checkpoint must agree with to be resumed.
+RESUME_KEYS = (
+    "task",
+    "mode",
+    "mask_rule",
+    "model",
+    "seed",
+    "learning_rate",
+    "num_train_epochs",
+    "max_seq_length",
+    "max_train_samples",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "dropout",
+    "optimizer",
+)
+
+
+def checkpoint_manager(config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    directory = os.path.join(os.path.abspath(config.output_dir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: Any, meta: dict) -> None:
+    """Saves the first device's copy of ``state`` and the JSON ``meta`` as ``meta['step']``."""
+    host_state = parallel.to_host(state)
+    meta = json.loads(json.dumps(meta))  # a snapshot: the run goes on changing its own copy
+    manager.save(
+        meta["step"],
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+
+
+def restore_meta(manager: ocp.CheckpointManager) -> dict | None:
+    """The newest checkpoint's JSON bookkeeping alone, or ``None`` if there is no checkpoint."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, template: Any) -> tuple[Any, dict] | None:
+    """The newest checkpoint as (state on the host, meta), or ``None`` if there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.state, restored.meta
+
+
+def check_resumable(config: ml_collections.ConfigDict, meta: dict, global_batch: int) -> None:
+    saved = meta["config"]
+    for key in RESUME_KEYS:
+        if saved.get(key) != config[key]:
+            raise ValueError(
+                f"Cannot resume from {config.output_dir!r}: its checkpoint has "
+                f"{key}={saved.get(key)!r}, this run {key}={config[key]!r}."
+            )
+    if meta["global_batch_size"] != global_batch:
+        raise ValueError(
+            f"Cannot resume from {config.output_dir!r}: global batch {meta['global_batch_size']} "
+            f"there, {global_batch} here (per_device_batch_size x devices)."
+        )

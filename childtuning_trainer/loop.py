@@ -1,0 +1,297 @@
+"""The run: check the input, load data and model, (Fisher pass,) train, evaluate, checkpoint.
+
+``train_and_evaluate(config)`` is what ``train.py`` calls. Every other module supplies one piece:
+``config_checks``, ``tasks`` and ``input_pipeline`` (the data), ``objective`` (the loss),
+``recipe`` (optimizer chain and D's mask rule), ``steps`` and ``parallel`` (the mapped steps),
+``checkpoints`` and ``outputs`` (what is saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import transformers
+from flax import nnx
+from tqdm.auto import tqdm
+
+from childtuning_jax import template_child_mask, uniform_leaf_names
+from childtuning_jax.models import from_pretrained
+from childtuning_trainer import (
+    checkpoints,
+    config_checks,
+    input_pipeline,
+    outputs,
+    parallel,
+    recipe,
+    steps,
+)
+from childtuning_trainer.objective import Model, make_objective
+from childtuning_trainer.steps import TrainState
+from childtuning_trainer.tasks import Task
+
+
+def load_model(config: ml_collections.ConfigDict, task: Task) -> tuple[Model, Any]:
+    """Loads the checkpoint with a fresh head for ``task``; returns the split model and params."""
+    overrides = {}
+    if config.dropout is not None:
+        overrides = dict(
+            hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout
+        )
+    module = from_pretrained(
+        config.model, num_labels=task.num_labels, seed=config.seed, **overrides
+    )
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return Model(graphdef, rest, task.num_labels), params
+
+
+def has_dropout(config: ml_collections.ConfigDict) -> bool:
+    """False when ``config.dropout`` switches dropout off (then no dropout key is drawn)."""
+    return config.dropout is None or config.dropout > 0
+
+
+def best_epoch(history: list[dict], task: Task) -> dict:
+    """The epoch with the highest first metric of the task (the earliest among ties)."""
+    key = task.metrics[0]
+    return max(history, key=lambda h: (h["eval"][key], -h["epoch"]))
+
+
+@dataclasses.dataclass
+class Run:
+    """A checked configuration with its data, model, devices and step counts."""
+
+    config: ml_collections.ConfigDict
+    task: Task
+    reserve_p: float | None
+    devices: list[jax.Device]
+    data: input_pipeline.TaskData
+    model: Model
+    params: Any  # the initial parameters, on the host (dropped once on the devices)
+    manager: ocp.CheckpointManager
+    steps_per_epoch: int
+    total_steps: int
+    schedule: optax.Schedule
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.per_device_batch_size * len(self.devices)
+
+    @property
+    def objective(self):
+        return make_objective(self.model, self.task.is_regression)
+
+
+def prepare(config: ml_collections.ConfigDict) -> Run:
+    """Checks everything that can be wrong with the input, then tokenises and loads the model."""
+    task = config_checks.check_config(config)
+    reserve_p = recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
+    devices = parallel.select_devices(config.num_devices)
+    train_examples, dev_examples = input_pipeline.load_examples(config, task)
+    config_checks.check_model(config.model, task, config.max_seq_length)
+    os.makedirs(config.output_dir, exist_ok=True)
+    manager = checkpoints.checkpoint_manager(config)
+    if manager.latest_step() is not None and not config.resume:
+        raise ValueError(
+            f"{config.output_dir!r} already holds checkpoints; set --config.resume=true to "
+            "continue that run, or choose another output_dir."
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
+    data = input_pipeline.tokenize_all(
+        train_examples, dev_examples, task, tokenizer, config.max_seq_length
+    )
+    global_batch = config.per_device_batch_size * len(devices)
+    steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
+    total_steps = steps_per_epoch * config.num_train_epochs
+    model, params = load_model(config, task)
+    schedule = recipe.learning_rate_schedule(config.learning_rate, config.warmup_ratio, total_steps)
+    return Run(
+        config,
+        task,
+        reserve_p,
+        devices,
+        data,
+        model,
+        params,
+        manager,
+        steps_per_epoch,
+        total_steps,
+        schedule,
+    )
+
+
+def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, dict]:
+    """The state to start from (on the host), the optimizer, and the run's bookkeeping.
+
+    With ``resume`` and a checkpoint: the checkpoint's state (ChildTuning-D's mask included) and
+    bookkeeping. Otherwise step 0, after the mask rule (the Fisher pass) for ChildTuning-D.
+    """
+    config, params = run.config, run.params
+    saved_meta = checkpoints.restore_meta(run.manager) if config.resume else None
+    if saved_meta is not None:
+        uniform = saved_meta.get("d_mask_uniform_leaves", [])
+        template_mask = template_child_mask(params, uniform)
+        tx = recipe.optimizer_from_config(
+            config, params, run.schedule, run.reserve_p, mask=template_mask
+        )
+        template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        restored = checkpoints.restore_checkpoint(run.manager, template)
+        if restored is not None:
+            state, meta = restored
+            checkpoints.check_resumable(config, meta, run.global_batch)
+            print(f"Resuming from step {meta['step']} in {config.output_dir}")
+            return state, tx, meta
+    meta = {"step": 0, "history": [], "fisher_time_s": None, "train_time_s": 0.0}
+    meta["eval_time_s"] = 0.0
+    mask = None
+    if config.mode == "D":
+        start = time.perf_counter()
+        mask = recipe.child_mask(
+            config, run.objective, params, run.data, run.reserve_p, run.devices
+        )
+        meta["fisher_time_s"] = time.perf_counter() - start
+        meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
+        summary = recipe.mask_summary(mask, run.reserve_p)
+        summary["fisher_time_s"] = meta["fisher_time_s"]
+        outputs.write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)
+        print(
+            f"Fisher information: {meta['fisher_time_s']:.1f}s; child network keeps "
+            f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
+        )
+    tx = recipe.optimizer_from_config(config, params, run.schedule, run.reserve_p, mask=mask)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, meta
+
+
+def train_loop(
+    run: Run, state: TrainState, tx: optax.GradientTransformation, meta: dict
+) -> TrainState | None:
+    """Trains from ``meta['step']`` to the end, evaluating and checkpointing on the way.
+
+    ``state`` is replicated over the devices; ``meta`` is updated in place. Returns the final
+    state, or ``None`` if ``config.stop_after_steps`` stopped the run.
+    """
+    config, data, devices = run.config, run.data, run.devices
+    p_train_step = parallel.map_train_step(
+        steps.make_train_step(run.objective, tx, has_dropout(config)), devices
+    )
+    p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model), devices)
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    log = outputs.MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), meta["step"])
+    step = meta["step"]
+    interval_losses: list[float] = meta.pop("interval_losses", [])  # since the last log line
+    desc = f"{run.task.name} {config.mode}"
+    bar = tqdm(total=run.total_steps, initial=step, desc=desc, unit="step")
+
+    def checkpoint(step: int) -> None:
+        """Saves the state with where the data stream stands (epoch e's order is
+        ``epoch_order(seed, e)``) and the losses since the last log line."""
+        epoch, batch = divmod(step, run.steps_per_epoch)
+        order = {"seed": config.seed, "epoch": epoch, "batch": batch}
+        extra = {"step": step, "data_order": order, "interval_losses": interval_losses}
+        checkpoints.save_checkpoint(run.manager, state, {**meta, **extra})
+
+    while step < run.total_steps:
+        epoch, start_batch = divmod(step, run.steps_per_epoch)
+        order = input_pipeline.epoch_order(config.seed, epoch, data.num_train_examples)
+        batches = input_pipeline.train_batches(data.train, order, run.global_batch, start_batch)
+        start = time.perf_counter()
+        for batch in batches:
+            rng = jax.random.fold_in(dropout_key, step)
+            state, metrics = p_train_step(state, parallel.shard_batch(batch, devices), rng)
+            step += 1
+            loss, lr = float(metrics["loss"][0]), float(run.schedule(step - 1))
+            interval_losses.append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+                record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(interval_losses))}
+                record.update(learning_rate=lr, grad_norm=float(metrics["grad_norm"][0]))
+                log.write(record)
+                interval_losses = []
+            if step == config.stop_after_steps:
+                bar.close()
+                return None
+            if step % config.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
+                meta["train_time_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint(step)
+        meta["train_time_s"] += time.perf_counter() - start
+        if config.eval_every_epoch or step == run.total_steps:
+            start = time.perf_counter()
+            metrics = steps.evaluate(p_eval_step, state.params, data, devices, run.global_batch)
+            meta["eval_time_s"] += time.perf_counter() - start
+            meta["history"].append({"epoch": epoch + 1, "step": step, "eval": metrics})
+            log.write({"step": step, "epoch": epoch + 1, "eval": metrics})
+            bar.write(f"epoch {epoch + 1}: {json.dumps(metrics)}")
+        meta["step"] = step
+        checkpoint(step)
+    bar.close()
+    return state
+
+
+def results_of(run: Run, meta: dict) -> dict:
+    """The run's ``results.json``."""
+    config, task, history = run.config, run.task, meta["history"]
+    best = best_epoch(history, task)
+    dev_sizes = zip(task.dev_sets, run.data.dev, strict=True)
+    return {
+        "task": task.name,
+        "mode": config.mode,
+        "reserve_p": run.reserve_p,
+        "seed": config.seed,
+        "model": config.model,
+        "num_train_examples": run.data.num_train_examples,
+        "num_dev_examples": {d.name: len(f["labels"]) for d, f in dev_sizes},
+        "steps": run.total_steps,
+        "epochs": config.num_train_epochs,
+        "global_batch_size": run.global_batch,
+        "num_devices": len(run.devices),
+        "max_seq_length": config.max_seq_length,
+        "learning_rate": config.learning_rate,
+        "eval": history[-1]["eval"],
+        "best": {"epoch": best["epoch"], "metric": task.metrics[0], "eval": best["eval"]},
+        "history": history,
+        "fisher_time_s": meta["fisher_time_s"],
+        "train_time_s": meta["train_time_s"],
+        "eval_time_s": meta["eval_time_s"],
+        "config": config.to_dict(),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | None:
+    """Fine-tunes ``config.model`` on ``config.task``.
+
+    Bad input is reported before any model weight is loaded. Writes checkpoints, ``metrics.jsonl``,
+    ``results.json`` (and ``mask_summary.json`` for ChildTuning-D) to ``config.output_dir``.
+
+    Returns:
+      ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
+      parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
+    """
+    run = prepare(config)
+    host_state, tx, meta = initial_state(run)
+    meta.update(
+        config=config.to_dict(),
+        global_batch_size=run.global_batch,
+        num_devices=len(run.devices),
+        num_train_examples=run.data.num_train_examples,
+    )
+    state = parallel.replicate(host_state, run.devices)
+    del host_state
+    run.params = None  # the devices hold the parameters now
+    state = train_loop(run, state, tx, meta)
+    run.manager.wait_until_finished()
+    run.manager.close()
+    if state is None:
+        return None
+    results = results_of(run, meta)
+    outputs.write_json(os.path.join(config.output_dir, "results.json"), results)
+    return results, parallel.to_host(state.params)

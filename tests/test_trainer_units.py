@@ -1,0 +1,319 @@
+"""The trainer's pure pieces, without ../shared: config checks, the schedule, the recipe, the input
+pipeline, the objective, and the checkpoint layout."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from flax import nnx
+
+from childtuning_jax import leaf_names
+from childtuning_jax.models import from_config
+from childtuning_jax.transforms import child_tuning_d, template_child_mask, uniform_leaf_names
+from childtuning_trainer import checkpoints, config_checks, input_pipeline, recipe, steps, tasks
+from childtuning_trainer.objective import Model, example_losses, make_objective
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _base_config(**overrides):
+    spec = importlib.util.spec_from_file_location("glue_config", f"{REPO}/configs/glue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(**{"output_dir": "unused", **overrides})
+    return config
+
+
+def _tiny_model(num_labels=2):
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    graphdef, params, rest = nnx.split(from_config(config, num_labels=num_labels), nnx.Param, ...)
+    return Model(graphdef, rest, num_labels), params
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and recipe
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(task="sts"), "Unknown task 'sts'"),
+        (dict(mode="E"), "Unknown mode 'E'; expected one of vanilla, F, D"),
+        (dict(mode="D", reserve_p=0.0), r"reserve_p=0.0 is out of range"),
+        (dict(mode="F", reserve_p=float("nan")), r"reserve_p=nan is out of range"),
+        (dict(optimizer="sgd"), "Unknown optimizer 'sgd'"),
+        (dict(mask_rule="magic"), "Unknown mask_rule 'magic'"),
+        (dict(learning_rate=0.0), "learning_rate=0.0 must be positive"),
+        (dict(warmup_ratio=1.5), r"warmup_ratio=1.5 must be in \[0, 1\]"),
+        (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+        (dict(output_dir=""), "output_dir is empty"),
+    ],
+)
+def test_config_checks_name_the_bad_setting(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_checks.check_config(_base_config(**overrides))
+
+
+def test_config_checks_return_the_task_and_authors_reserve_p():
+    assert config_checks.check_config(_base_config(task="MRPC")).name == "mrpc"
+    assert recipe.resolve_reserve_p("F", "mrpc", None) == 0.4
+    assert recipe.resolve_reserve_p("D", "mrpc", None) == 0.1
+    assert recipe.resolve_reserve_p("D", "qnli", None) == recipe.DEFAULT_RESERVE_P
+    assert recipe.resolve_reserve_p("F", "rte", 0.7) == 0.7
+    assert recipe.resolve_reserve_p("vanilla", "rte", 0.7) is None
+
+
+def test_task_registry_refuses_a_second_task_of_the_same_name():
+    rte = tasks.get_task("rte")
+    assert tasks.register(rte) is rte  # registering the same object again is harmless
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register(rte._replace(folder="elsewhere"))
+
+
+def test_learning_rate_schedule_matches_the_official_one():
+    schedule = recipe.learning_rate_schedule(1.0, 0.1, 95)  # warm-up: ceil(9.5) = 10 steps
+    # transformers.get_linear_schedule_with_warmup, applied to update `step` (0-based).
+    official = lambda s: s / 10 if s < 10 else max(0.0, (95 - s) / 85)
+    got = [float(schedule(s)) for s in range(96)]
+    np.testing.assert_allclose(got, [official(s) for s in range(96)], atol=1e-6)
+
+
+def test_weight_decay_spares_biases_and_layer_norms():
+    _, params = _tiny_model()
+    names = dict(zip(leaf_names(params), jax.tree.leaves(recipe.decay_mask(params)), strict=True))
+    assert names["bert/encoder/layer/0/attention/self/query/kernel"]
+    assert names["bert/embeddings/word_embeddings/embedding"]
+    assert names["classifier/kernel"]
+    assert not names["bert/encoder/layer/0/attention/self/query/bias"]
+    assert not names["bert/embeddings/LayerNorm/scale"]
+    assert not names["bert/encoder/layer/1/output/LayerNorm/bias"]
+
+
+@pytest.mark.parametrize("mode", recipe.MODES)
+def test_recipe_chain_is_clip_then_child_then_adamw(mode):
+    """With every gradient beyond the clip norm, one step of the recipe equals clip, then the
+    Child-Tuning transform alone, then hf_adamw alone."""
+    params = {"layer": {"w": jnp.ones((4, 3))}, "head": {"bias": jnp.ones(3)}}
+    grads = jax.tree.map(
+        lambda p: 10.0 * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params
+    )
+    mask = {"layer": {"w": np.eye(4, 3, dtype=bool)}, "head": {"bias": np.ones(3, bool)}}
+    key = jax.random.key(3)
+    settings = recipe.OptimizerSettings(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0)
+    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    tx = recipe.make_optimizer(child, params, settings)
+    got, _ = tx.update(grads, tx.init(params), params)
+
+    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    masked, _ = child.update(clipped, child.init(params), params)
+    adamw = recipe.OPTIMIZERS["hf_adamw"](0.1, weight_decay=0.5, mask=recipe.decay_mask(params))
+    expected, _ = adamw.update(masked, adamw.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    if mode == "D":  # frozen elements get only the decay; biases (no decay) do not move
+        np.testing.assert_allclose(got["layer"]["w"][~mask["layer"]["w"]], -0.1 * 0.5 * 1.0)
+
+
+def test_child_transform_needs_its_inputs():
+    with pytest.raises(ValueError, match="mode 'D' needs a mask"):
+        recipe.child_transform("D")
+    with pytest.raises(ValueError, match="mode 'F' needs reserve_p and a key"):
+        recipe.child_transform("F", reserve_p=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _features(n, length=6):
+    ids = np.arange(n * length, dtype=np.int32).reshape(n, length)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "labels": np.arange(n, dtype=np.int32) % 2,
+    }
+
+
+def test_subset_and_epoch_order_are_seeded_and_complete():
+    subset = input_pipeline.subset_indices(100, 10, seed=7)
+    assert len(subset) == 10 and np.all(np.diff(subset) > 0)
+    assert np.array_equal(subset, input_pipeline.subset_indices(100, 10, seed=7))
+    assert not np.array_equal(subset, input_pipeline.subset_indices(100, 10, seed=8))
+    assert np.array_equal(input_pipeline.subset_indices(5, 0, 1), np.arange(5))
+    order = input_pipeline.epoch_order(1, 0, 50)
+    assert sorted(order) == list(range(50))
+    assert np.array_equal(order, input_pipeline.epoch_order(1, 0, 50))
+    assert not np.array_equal(order, input_pipeline.epoch_order(1, 1, 50))
+    fisher = input_pipeline.epoch_order(1, 0, 50, input_pipeline.FISHER_STREAM)
+    assert not np.array_equal(order, fisher)
+
+
+def test_batches_cover_every_example_once_with_padding_weighted_zero():
+    features = _features(10)
+    order = input_pipeline.epoch_order(0, 0, 10)
+    batches = list(input_pipeline.train_batches(features, order, 4))
+    assert len(batches) == input_pipeline.num_batches(10, 4) == 3
+    assert all(b["input_ids"].shape == (4, 6) for b in batches)
+    weights = np.concatenate([b["weights"] for b in batches])
+    assert weights.tolist() == [1] * 10 + [0, 0]
+    seen = np.concatenate([b["labels"][b["weights"] > 0] for b in batches])
+    firsts = np.concatenate([b["input_ids"][b["weights"] > 0, 0] for b in batches])
+    assert sorted(firsts // 6) == list(range(10)) and len(seen) == 10
+    # The padding rows copy the batch's first example (real tokens, never a fully masked row).
+    assert np.array_equal(batches[-1]["input_ids"][2:], batches[-1]["input_ids"][[0, 0]])
+    # A resumed epoch starts at its batch.
+    resumed = list(input_pipeline.train_batches(features, order, 4, start=1))
+    assert np.array_equal(resumed[0]["input_ids"], batches[1]["input_ids"])
+
+
+def test_fisher_batches_weight_each_batch_to_its_own_mean():
+    features = _features(10)
+    order = np.arange(10)
+    for num_devices in (1, 2):
+        batches = list(input_pipeline.fisher_batches(features, order, 4, num_devices))
+        for batch in batches:
+            n_real = int((batch["weights"] > 0).sum())
+            np.testing.assert_allclose(batch["weights"][:n_real], num_devices / n_real)
+            assert np.all(batch["weights"][n_real:] == 0)
+        assert [int((b["weights"] > 0).sum()) for b in batches] == [4, 4, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective and steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_objective_is_the_per_example_task_loss():
+    model, params = _tiny_model()
+    batch = {k: jnp.asarray(v[:, :5] % 50) for k, v in _features(3).items() if k != "labels"}
+    batch["labels"] = jnp.asarray([0, 1, 1])
+    losses = make_objective(model, regression=False)(params, batch, None)
+    logits = model.apply(params, batch, dropout_rng=None)
+    expected = -jax.nn.log_softmax(logits)[jnp.arange(3), batch["labels"]]
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    squared = example_losses(jnp.array([[1.0], [3.0]]), jnp.array([2.0, 3.0]), regression=True)
+    np.testing.assert_allclose(squared, [1.0, 0.0])
+
+
+def test_step_without_an_axis_equals_the_mapped_step_on_one_device():
+    model, params = _tiny_model()
+    objective = make_objective(model, regression=False)
+    tx = optax.sgd(0.1)
+    batch = {k: jnp.asarray(v[:, :5] % 50) for k, v in _features(4).items() if k != "labels"}
+    batch["labels"] = jnp.asarray([0, 1, 1, 0])
+    batch["weights"] = jnp.asarray([1.0, 1.0, 1.0, 0.0])
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    plain, metrics = jax.jit(steps.make_train_step(objective, tx, False, axis_name=None))(
+        state, batch, jax.random.key(0)
+    )
+    mapped = jax.pmap(
+        steps.make_train_step(objective, tx, False), axis_name="devices", in_axes=(0, 0, None)
+    )
+    stacked = jax.tree.map(lambda x: x[None], (state, batch))
+    pmapped, pmetrics = mapped(*stacked, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(pmapped), strict=True):
+        np.testing.assert_allclose(a, b[0], rtol=1e-6, atol=1e-7)
+    # The loss is the mean over the three real rows.
+    losses = objective(params, batch, None)[:3]
+    np.testing.assert_allclose(metrics["loss"], losses.mean(), rtol=1e-6)
+    np.testing.assert_allclose(pmetrics["loss"][0], losses.mean(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
+    _, params = _tiny_model()
+    rng = np.random.default_rng(0)
+    mask = jax.tree.map(lambda p: rng.random(np.shape(p)) < 0.3, params)
+    mask = jax.tree.map(lambda m: m, mask)
+    names = leaf_names(mask)
+    leaves = [
+        np.ones_like(m) if "layer" not in n else m
+        for n, m in zip(names, jax.tree.leaves(mask), strict=True)
+    ]
+    mask = jax.tree.unflatten(jax.tree.structure(mask), leaves)
+    tx = recipe.make_optimizer(child_tuning_d(mask), params, recipe.OptimizerSettings())
+    state = steps.TrainState(jnp.array(3, jnp.int32), params, tx.init(params))
+    config = _base_config(output_dir=str(tmp_path), keep_checkpoints=2)
+    manager = checkpoints.checkpoint_manager(config)
+    replicated = jax.tree.map(lambda x: np.asarray(x)[None], state)  # one device
+    meta = {"step": 3, "d_mask_uniform_leaves": uniform_leaf_names(mask), "config": {}}
+    checkpoints.save_checkpoint(manager, replicated, meta)
+    manager.wait_until_finished()
+
+    assert (
+        checkpoints.restore_meta(manager)["d_mask_uniform_leaves"] == meta["d_mask_uniform_leaves"]
+    )
+    template_tx = recipe.make_optimizer(
+        child_tuning_d(template_child_mask(params, meta["d_mask_uniform_leaves"])),
+        params,
+        recipe.OptimizerSettings(),
+    )
+    template = steps.TrainState(jnp.zeros((), jnp.int32), params, template_tx.init(params))
+    restored, restored_meta = checkpoints.restore_checkpoint(manager, template)
+    manager.close()
+    assert restored_meta["step"] == 3
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_resume_is_refused_when_a_setting_differs():
+    config = _base_config(learning_rate=1e-3)
+    meta = {"config": dict(config.to_dict(), learning_rate=2e-3), "global_batch_size": 16}
+    with pytest.raises(ValueError, match="checkpoint has learning_rate=0.002"):
+        checkpoints.check_resumable(config, meta, 16)
+    meta["config"]["learning_rate"] = 1e-3
+    with pytest.raises(ValueError, match="global batch 16 there, 32 here"):
+        checkpoints.check_resumable(config, meta, 32)
+    checkpoints.check_resumable(config, meta, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_command_line_prints_one_error_line_without_data(tmp_path):
+    """No GLUE folder and no network: one ``error:`` line, exit status 1, no traceback."""
+    command = [
+        sys.executable,
+        "train.py",
+        "--config=configs/rte.py",
+        "--config.data_dir=",
+        f"--config.output_dir={tmp_path}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("CHILDTUNING_TRACEBACK", None)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: Cannot load nyu-mll/glue/rte from the hub")
+    assert "Traceback" not in done.stderr
+    shown = subprocess.run(
+        [*command, "--traceback"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert shown.returncode != 0 and "Traceback" in shown.stderr
