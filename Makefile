@@ -7,7 +7,7 @@ GLUE_DIR ?= ../shared/glue
 
 BARE ?= .venv-bare
 
-.PHONY: install test test-bare lint rte bench
+.PHONY: install test test-bare lint quickstart rte bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: install
 # The local GLUE files when present, else nyu-mll/glue from the hub.
 GLUE_FLAGS = $(if $(wildcard $(GLUE_DIR)),--config.data_dir=$(GLUE_DIR),--config.data_dir=)
 GLUE_NOTE = $(if $(wildcard $(GLUE_DIR)),,@echo "$(GLUE_DIR) not found: loading GLUE from the hub (nyu-mll/glue)")
+
+# The README's main job: ChildTuning-D on STS-B with the packaged MiniLM, about 15 min on 2 cores.
+quickstart: install
+	$(GLUE_NOTE)
+	$(PY) train.py --config=configs/quickstart.py $(GLUE_FLAGS) --config.output_dir=runs/quickstart
 
 # ChildTuning-D fine-tuning of the packaged MiniLM BERT on RTE, on CPU.
 rte: install

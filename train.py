@@ -51,6 +51,12 @@ def main(argv: list[str]) -> None:
     if results["fisher_time_s"] is not None:
         summary["fisher_time_s"] = round(results["fisher_time_s"], 1)
     print(json.dumps(summary, indent=2))
+    metric = results["best"]["metric"]
+    baseline = results["baseline"]
+    print(
+        f"dev {metric} {results['eval'][metric]:.4f} after {results['epochs']} epoch(s); "
+        f"{baseline['eval'][metric]:.4f} for {baseline['predictor']}"
+    )
 
 
 if __name__ == "__main__":

@@ -141,6 +141,27 @@ def _pmap_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _padding_lines(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"- padding: skipped ({r['skipped']})"]
+    lines = [
+        f"- padding, {r['max_train_samples']} training examples x {r['epochs']} epochs, full dev "
+        "set (epoch 2: steady; epoch 1: compiles included):"
+    ]
+    for task, t in r["tasks"].items():
+        full, bucket = t["max_length"], t["bucket"]
+        lines.append(
+            f"  - {task}: epoch 2 {full['epoch_train_time_s'][1]:.1f} s -> "
+            f"{bucket['epoch_train_time_s'][1]:.1f} s ({t['epoch_speedup']:.2f}x), epoch 1 "
+            f"{t['first_epoch_speedup']:.2f}x, whole run {t['total_speedup']:.2f}x; real tokens "
+            f"{full['real_token_share']:.2f} -> {bucket['real_token_share']:.2f}; "
+            f"{full['metric']} {full['eval'][full['metric']]:.4f} vs "
+            f"{bucket['eval'][bucket['metric']]:.4f}; multiples of 16: epoch 2 "
+            f"{t['bucket16_epoch_speedup']:.2f}x, epoch 1 {t['bucket16_first_epoch_speedup']:.2f}x"
+        )
+    return lines
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The section for one run: header, command, machine, targets table, detail lines."""
     m = record["machine"]
@@ -169,6 +190,7 @@ def markdown(record: dict[str, Any]) -> str:
         "optimizer_update": _optimizer_lines,
         "memory": _memory_lines,
         "pmap_scaling": _pmap_lines,
+        "padding": _padding_lines,
     }
     for name, fn in sections.items():
         if name not in results:

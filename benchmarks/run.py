@@ -13,7 +13,8 @@ Benchmarks (see each module's docstring):
 * ``mask_selection`` -- ``fisher_mask`` vs the official ``np.append`` + ``np.percentile``;
 * ``optimizer_update`` -- ``chain(child_tuning_{f,d}, adamw)`` vs ``adamw``;
 * ``memory`` -- peak host memory of D and F runs vs vanilla (subprocesses);
-* ``pmap_scaling`` -- the trainer's pmapped step over 1, 2, 4 host devices (subprocess).
+* ``pmap_scaling`` -- the trainer's pmapped step over 1, 2, 4 host devices (subprocess);
+* ``padding`` -- trainer epochs with length-bucketed padding vs padding to ``max_seq_length``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ BENCHMARKS = (
     "fisher_pass",
     "memory",
     "pmap_scaling",
+    "padding",
 )
 CPU_THREADS = 2
 
@@ -55,6 +57,7 @@ def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callabl
         mask_selection,
         memory,
         optimizer_update,
+        padding,
         pmap_scaling,
         train_step,
     )
@@ -73,6 +76,7 @@ def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callabl
             smoke=smoke, modes=("vanilla", "D") if smoke else ("vanilla", "D", "F")
         ),
         "pmap_scaling": lambda: pmap_scaling.run(smoke=smoke),
+        "padding": lambda: padding.run(smoke=smoke),
     }
 
 

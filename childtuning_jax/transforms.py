@@ -167,6 +167,9 @@ class ChildTuningDState(NamedTuple):
       uniform: 1-D bool, one value per uniform leaf (all True, like the embeddings, pooler and
         classifier that ChildTuning-D always trains, or all False), in the same order. The update
         reads no mask bytes for those leaves.
+
+    A buffer with nothing to hold (no mixed leaves, or no uniform ones) holds one unused ``False``,
+    since checkpointers refuse zero-size arrays.
     """
 
     mask: jax.Array
@@ -324,9 +327,10 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     # The transform keeps the mask on the host as packed bits (1/8 byte per parameter) and hands
     # out a fresh device copy at each init: donating the optimizer state in a train step then
     # deletes neither the transform's copy nor the caller's mask, and the device holds one mask.
-    packed_mask = np.packbits(np.concatenate(mixed_parts) if mixed_parts else np.zeros(0, bool))
-    mixed_size = offset
-    uniform_host = np.asarray(uniform_values, dtype=bool)
+    # An empty buffer holds one unused False instead: checkpointers refuse zero-size arrays.
+    packed_mask = np.packbits(np.concatenate(mixed_parts) if mixed_parts else np.zeros(1, bool))
+    mixed_size = max(offset, 1)
+    uniform_host = np.asarray(uniform_values or [False], dtype=bool)
     del bool_mask, flat, mixed_parts
 
     def init_fn(params: Any) -> ChildTuningDState:

@@ -1,8 +1,8 @@
 """Checkpoints: orbax saves of the whole training state with the run's JSON bookkeeping.
 
 A checkpoint holds everything that determines the rest of the run: parameters, the optimizer state
-(with ChildTuning-F's key or ChildTuning-D's mask), the step, where the data stream stands, and the
-dev results so far, so a resumed run continues bit for bit.
+(with ChildTuning-F's key or ChildTuning-D's mask, and the regularisers' anchor weights), the step,
+where the data stream stands, and the dev results so far, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from childtuning_trainer import parallel
+from childtuning_trainer import parallel, regularizers
 
-# Settings a checkpoint must agree with to be resumed.
+# Settings a checkpoint must agree with to be resumed (every regulariser setting included).
 RESUME_KEYS = (
     "task",
     "mode",
@@ -33,6 +33,10 @@ RESUME_KEYS = (
     "max_grad_norm",
     "dropout",
     "optimizer",
+    "dtype",
+    "padding",
+    "bucket_multiple",
+    *regularizers.CONFIG_KEYS,
 )
 
 

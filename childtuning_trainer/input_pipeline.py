@@ -1,9 +1,15 @@
-"""The input pipeline: load a task's splits, subset, tokenise, and cut into fixed-shape batches.
+"""The input pipeline: load a task's splits, subset, tokenise, and cut into batches.
 
-Every batch has exactly the global batch size, so the pmapped steps compile once. A short last
-batch is filled up with copies of its first example whose ``weights`` are 0: training then averages
-the loss over the real examples only (nothing is dropped, as in the Hugging Face Trainer), and
-evaluation scores every dev example exactly once.
+Every batch has exactly the global batch size. A short last batch is filled up with copies of its
+first example whose ``weights`` are 0: training then averages the loss over the real examples only
+(nothing is dropped, as in the Hugging Face Trainer), and evaluation scores every dev example
+exactly once.
+
+Sequences are tokenised to ``max_seq_length``; with ``padding="bucket"`` each batch is then cut to
+the smallest of a few bucket lengths (multiples of ``bucket_multiple`` up to ``max_seq_length``)
+that holds its longest example, on the tokenizer's padding side. Only padding is removed, so the
+examples, their order and truncation are those of ``padding="max_length"``, and the steps compile
+once per bucket instead of once.
 
 The order of the training examples in epoch ``e`` is a pure function of ``(seed, e)``, so a resumed
 run sees the same batches as an uninterrupted one.
@@ -23,12 +29,53 @@ from childtuning_trainer.tokenization import tokenize
 Batch = dict[str, np.ndarray]
 
 
+PADDINGS = ("bucket", "max_length")
+SEQUENCE_FEATURES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def bucket_lengths(max_seq_length: int, multiple: int) -> tuple[int, ...]:
+    """Multiples of ``multiple`` below ``max_seq_length``, then ``max_seq_length`` itself."""
+    return (*range(multiple, max_seq_length, multiple), max_seq_length)
+
+
+class Padding(NamedTuple):
+    """How far a batch is padded: to the smallest of ``buckets`` that holds its longest example.
+
+    ``side`` is the tokenizer's padding side: ``right`` keeps the first positions, ``left`` (XLNet)
+    the last ones. ``buckets=(max_seq_length,)`` pads every batch to the maximum.
+    """
+
+    buckets: tuple[int, ...]
+    side: str = "right"
+
+    def length(self, batch: Batch) -> int:
+        """The bucket length for ``batch``."""
+        longest = int(batch["attention_mask"].sum(axis=1).max())
+        return next((b for b in self.buckets if b >= longest), self.buckets[-1])
+
+    def trim(self, batch: Batch) -> Batch:
+        """``batch`` with its sequence features cut to :meth:`length` positions."""
+        length = self.length(batch)
+        cut = slice(-length, None) if self.side == "left" else slice(0, length)
+        return {k: v[:, cut] if k in SEQUENCE_FEATURES else v for k, v in batch.items()}
+
+
+def make_padding(config: ml_collections.ConfigDict, tokenizer: Any) -> Padding:
+    """The run's :class:`Padding` from ``config.padding`` and the tokenizer's padding side."""
+    side = getattr(tokenizer, "padding_side", "right")
+    if config.padding == "max_length":
+        return Padding((config.max_seq_length,), side)
+    return Padding(bucket_lengths(config.max_seq_length, config.bucket_multiple), side)
+
+
 class TaskData(NamedTuple):
-    """Tokenised training and dev sets of one task (``dev`` parallels ``task.dev_sets``)."""
+    """Tokenised training and dev sets of one task (``dev`` parallels ``task.dev_sets``), and how
+    their batches are padded."""
 
     task: Task
     train: Batch
     dev: list[Batch]
+    padding: Padding | None = None
 
     @property
     def num_train_examples(self) -> int:
@@ -53,11 +100,19 @@ def load_examples(config: ml_collections.ConfigDict, task: Task) -> tuple[Exampl
 
 
 def tokenize_all(
-    train: Examples, dev: list[Examples], task: Task, tokenizer: Any, length: int
+    train: Examples,
+    dev: list[Examples],
+    task: Task,
+    tokenizer: Any,
+    length: int,
+    padding: Padding | None = None,
 ) -> TaskData:
-    """Tokenises every split to ``length`` tokens."""
+    """Tokenises every split to ``length`` tokens; batches will be cut as ``padding`` says."""
     return TaskData(
-        task, tokenize(train, tokenizer, length), [tokenize(d, tokenizer, length) for d in dev]
+        task,
+        tokenize(train, tokenizer, length),
+        [tokenize(d, tokenizer, length) for d in dev],
+        padding,
     )
 
 
@@ -76,42 +131,55 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def take(features: Batch, indices: np.ndarray, batch_size: int) -> Batch:
+def take(
+    features: Batch, indices: np.ndarray, batch_size: int, padding: Padding | None = None
+) -> Batch:
     """The examples at ``indices`` as one batch of ``batch_size`` rows, with 0/1 ``weights``.
 
     Missing rows are copies of the first example (real tokens, so no fully masked sequence) with
-    weight 0.
+    weight 0. ``padding`` cuts the sequence axis to the batch's bucket.
     """
     num_real = len(indices)
     padded = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
     batch = {k: v[padded] for k, v in features.items()}
     batch["weights"] = (np.arange(batch_size) < num_real).astype(np.float32)
-    return batch
+    return padding.trim(batch) if padding is not None else batch
 
 
 def train_batches(
-    features: Batch, order: np.ndarray, batch_size: int, start: int = 0
+    features: Batch,
+    order: np.ndarray,
+    batch_size: int,
+    start: int = 0,
+    padding: Padding | None = None,
 ) -> Iterator[Batch]:
     """The batches of one epoch in ``order``, from batch index ``start`` on."""
     for i in range(start, num_batches(len(order), batch_size)):
-        yield take(features, order[i * batch_size : (i + 1) * batch_size], batch_size)
+        yield take(features, order[i * batch_size : (i + 1) * batch_size], batch_size, padding)
 
 
-def eval_batches(features: Batch, batch_size: int) -> Iterator[Batch]:
+def eval_batches(
+    features: Batch, batch_size: int, padding: Padding | None = None
+) -> Iterator[Batch]:
     """Every example of a dev set once, in file order."""
-    return train_batches(features, np.arange(len(features["labels"])), batch_size)
+    order = np.arange(len(features["labels"]))
+    return train_batches(features, order, batch_size, padding=padding)
 
 
 def fisher_batches(
-    features: Batch, order: np.ndarray, batch_size: int, num_devices: int
+    features: Batch,
+    order: np.ndarray,
+    batch_size: int,
+    num_devices: int,
+    padding: Padding | None = None,
 ) -> Iterator[Batch]:
     """Batches for the Fisher pass, padded like training batches, for a summed loss.
 
     ``weights`` are ``num_devices / n_real`` on real rows and 0 on padding, so that
     ``sum(weights * loss)`` on each device, averaged over the devices (as ``fisher_information``
     does), is the mean loss over the batch's real examples: a short last batch keeps its own
-    mean, as in the official code, without a second compilation for its shape.
+    mean, as in the official code, without a compilation of its own for its row count.
     """
-    for batch in train_batches(features, order, batch_size):
+    for batch in train_batches(features, order, batch_size, padding=padding):
         batch["weights"] *= num_devices / batch["weights"].sum()
         yield batch

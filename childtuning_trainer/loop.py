@@ -33,22 +33,31 @@ from childtuning_trainer import (
     outputs,
     parallel,
     recipe,
+    regularizers,
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
 from childtuning_trainer.steps import TrainState
 from childtuning_trainer.tasks import Task
+from childtuning_trainer.tasks import metrics as task_metrics
+
+# config.dtype -> the models' compute dtype (parameters, optimizer state, Fisher and masks stay
+# float32 whatever it is).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_model(config: ml_collections.ConfigDict, task: Task) -> tuple[Model, Any]:
-    """Loads the checkpoint with a fresh head for ``task``; returns the split model and params."""
-    overrides = {}
-    if config.dropout is not None:
-        overrides = dict(
-            hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout
-        )
+    """Loads the checkpoint with a fresh head for ``task``; returns the split model and params.
+
+    ``config.dropout`` (unless ``None``) sets every dropout rate of the architecture, head
+    included (``childtuning_jax.models.dropout_overrides``).
+    """
     module = from_pretrained(
-        config.model, num_labels=task.num_labels, seed=config.seed, **overrides
+        config.model,
+        num_labels=task.num_labels,
+        seed=config.seed,
+        dropout=config.dropout,
+        dtype=COMPUTE_DTYPES[config.dtype],
     )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return Model(graphdef, rest, task.num_labels), params
@@ -87,7 +96,19 @@ class Run:
 
     @property
     def objective(self):
+        """The plain task loss (ChildTuning-D's Fisher pass uses it, whatever the regulariser)."""
         return make_objective(self.model, self.task.is_regression)
+
+    @property
+    def regularizer(self) -> regularizers.Regularizer:
+        return regularizers.from_config(self.config)
+
+    @property
+    def train_objective(self):
+        """The train step's loss: the task loss, or the regulariser's wrapper of it."""
+        return regularizers.train_objective(
+            self.regularizer, self.model, self.task.is_regression, has_dropout(self.config)
+        )
 
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
@@ -105,8 +126,9 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
             "continue that run, or choose another output_dir."
         )
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
+    padding = input_pipeline.make_padding(config, tokenizer)
     data = input_pipeline.tokenize_all(
-        train_examples, dev_examples, task, tokenizer, config.max_seq_length
+        train_examples, dev_examples, task, tokenizer, config.max_seq_length, padding
     )
     global_batch = config.per_device_batch_size * len(devices)
     steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
@@ -160,6 +182,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
         meta["fisher_time_s"] = time.perf_counter() - start
         meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
         summary = recipe.mask_summary(mask, run.reserve_p)
+        meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]
         summary["fisher_time_s"] = meta["fisher_time_s"]
         outputs.write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)
         print(
@@ -180,11 +203,17 @@ def train_loop(
     """
     config, data, devices = run.config, run.data, run.devices
     p_train_step = parallel.map_train_step(
-        steps.make_train_step(run.objective, tx, has_dropout(config)), devices
+        regularizers.make_train_step(run.regularizer, run.train_objective, tx, has_dropout(config)),
+        devices,
     )
     p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model), devices)
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 3)
     log = outputs.MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), meta["step"])
+    board = outputs.TensorBoard(
+        os.path.join(config.output_dir, "tensorboard"), config.tensorboard, meta["step"]
+    )
+    kept_fraction = {"vanilla": 1.0, "F": run.reserve_p}.get(config.mode, meta.get("kept_fraction"))
+    last_log = (meta["step"], time.perf_counter())
     step = meta["step"]
     interval_losses: list[float] = meta.pop("interval_losses", [])  # since the last log line
     desc = f"{run.task.name} {config.mode}"
@@ -201,8 +230,11 @@ def train_loop(
     while step < run.total_steps:
         epoch, start_batch = divmod(step, run.steps_per_epoch)
         order = input_pipeline.epoch_order(config.seed, epoch, data.num_train_examples)
-        batches = input_pipeline.train_batches(data.train, order, run.global_batch, start_batch)
+        batches = input_pipeline.train_batches(
+            data.train, order, run.global_batch, start_batch, data.padding
+        )
         start = time.perf_counter()
+        epoch_time = 0.0  # this epoch's training time in this process (compiles included)
         for batch in batches:
             rng = jax.random.fold_in(dropout_key, step)
             state, metrics = p_train_step(state, parallel.shard_batch(batch, devices), rng)
@@ -215,25 +247,40 @@ def train_loop(
                 record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(interval_losses))}
                 record.update(learning_rate=lr, grad_norm=float(metrics["grad_norm"][0]))
                 log.write(record)
+                now = time.perf_counter()
+                scalars = {f"train/{k}": record[k] for k in ("loss", "learning_rate", "grad_norm")}
+                scalars["train/step_time_s"] = (now - last_log[1]) / (step - last_log[0])
+                if kept_fraction is not None:
+                    scalars["train/kept_fraction"] = kept_fraction
+                board.write(step, scalars)
+                last_log = (step, now)
                 interval_losses = []
             if step == config.stop_after_steps:
                 bar.close()
+                board.close()
                 return None
             if step % config.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
-                meta["train_time_s"] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                meta["train_time_s"] += elapsed
+                epoch_time += elapsed
                 start = time.perf_counter()
                 checkpoint(step)
-        meta["train_time_s"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        meta["train_time_s"] += elapsed
+        meta.setdefault("epoch_train_time_s", []).append(epoch_time + elapsed)
         if config.eval_every_epoch or step == run.total_steps:
             start = time.perf_counter()
             metrics = steps.evaluate(p_eval_step, state.params, data, devices, run.global_batch)
             meta["eval_time_s"] += time.perf_counter() - start
             meta["history"].append({"epoch": epoch + 1, "step": step, "eval": metrics})
             log.write({"step": step, "epoch": epoch + 1, "eval": metrics})
+            board.write(step, {f"eval/{name}": value for name, value in metrics.items()})
             bar.write(f"epoch {epoch + 1}: {json.dumps(metrics)}")
         meta["step"] = step
         checkpoint(step)
+        last_log = (step, time.perf_counter())  # the next interval does not count evaluation
     bar.close()
+    board.close()
     return state
 
 
@@ -242,10 +289,14 @@ def results_of(run: Run, meta: dict) -> dict:
     config, task, history = run.config, run.task, meta["history"]
     best = best_epoch(history, task)
     dev_sizes = zip(task.dev_sets, run.data.dev, strict=True)
+    predictor, baseline = task_metrics.trivial_baseline(
+        task, run.data.train["labels"], run.data.dev[0]["labels"]
+    )
     return {
         "task": task.name,
         "mode": config.mode,
         "reserve_p": run.reserve_p,
+        "regularizer": run.regularizer.settings(),
         "seed": config.seed,
         "model": config.model,
         "num_train_examples": run.data.num_train_examples,
@@ -259,8 +310,10 @@ def results_of(run: Run, meta: dict) -> dict:
         "eval": history[-1]["eval"],
         "best": {"epoch": best["epoch"], "metric": task.metrics[0], "eval": best["eval"]},
         "history": history,
+        "baseline": {"predictor": predictor, "eval": baseline},
         "fisher_time_s": meta["fisher_time_s"],
         "train_time_s": meta["train_time_s"],
+        "epoch_train_time_s": meta.get("epoch_train_time_s", []),
         "eval_time_s": meta["eval_time_s"],
         "config": config.to_dict(),
     }

@@ -12,6 +12,28 @@ The optimizer follows the official run script::
 "adamw"`` uses ``optax.adamw`` instead. ChildTuning-D's mask comes from a rule in
 :data:`MASK_RULES`; the official one, ``fisher``, keeps the top ``reserve_p`` of the encoder-layer
 parameters by Fisher information. The trainer and the benchmarks both build their optimizer here.
+
+A regulariser (:mod:`childtuning_trainer.regularizers`) adds its pieces to the chain::
+
+  clip -> child -> [top_k: keep_whole_leaves(top_k_layers_mask)]
+       -> [decay_to_pretrained "penalty"] -> AdamW | recadam -> [decay_to_pretrained "decoupled"]
+       -> [mixout: hold_anchor]
+
+* ``top_k`` restricts the child network to the top K encoder layers (and the pooler and head):
+  vanilla trains exactly those, F draws its Bernoulli mask and then zeroes what lies outside them,
+  D keeps its Fisher mask (selected over all encoder layers as usual) inside them only. The step
+  is ``child_tuning_d(top_k_layers_mask(params, K))``, applied as :func:`keep_whole_leaves`.
+* ``decay_to_pretrained`` pulls every pretrained parameter (every leaf but the new
+  ``classifier``) towards its value at step 0, after the Child-Tuning mask, so frozen parameters
+  are pulled back too. ``"penalty"``: the L2-SP loss-penalty gradient ``c * (w - w0)`` is added
+  before AdamW (Adam's moments see it); ``"decoupled"``: ``-lr(t) * c * (w - w0)`` is added to
+  AdamW's update, i.e. after the Adam scaling, as AdamW's own decay (which still decays towards 0
+  with ``weight_decay``).
+* ``recadam`` replaces AdamW (``optimizer`` is then unused) with the same learning rate schedule,
+  betas, eps, and weight decay on the same leaves (not biases and LayerNorm); the classifier is not
+  anchored (the library's default, as the reference).
+* the anchors are the params given to ``tx.init``: the optimizer state holds them (checkpointed
+  with it), and the chain keeps no reference of its own (:func:`anchored_at_init`).
 """
 
 from __future__ import annotations
@@ -22,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -30,14 +53,19 @@ from childtuning_jax import (
     check_reserve_p,
     child_tuning_d,
     child_tuning_f,
+    decay_to_pretrained,
     fisher_information,
     fisher_mask,
     hf_adamw,
     leaf_names,
     map_with_name,
+    recadam,
+    top_k_layers_mask,
 )
-from childtuning_trainer import input_pipeline
+from childtuning_jax.regularizers import default_anchor_mask
+from childtuning_trainer import input_pipeline, regularizers
 from childtuning_trainer.objective import Objective, weighted_sum
+from childtuning_trainer.regularizers import Regularizer, hold_anchor
 
 MODES = ("vanilla", "F", "D")
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -122,27 +150,121 @@ class OptimizerSettings:
     max_grad_norm: float = 1.0
 
 
-def make_optimizer(
-    child: optax.GradientTransformation, params: Any, settings: OptimizerSettings
+def anchored_at_init(
+    make: Callable[[Any], optax.GradientTransformation],
 ) -> optax.GradientTransformation:
-    """``clip -> child -> AdamW`` with weight decay off biases and LayerNorm."""
+    """``make(pretrained)`` with ``pretrained`` = the params given to ``init``.
+
+    For the library's anchored transforms (``decay_to_pretrained``, ``recadam``), whose ``init``
+    copies the anchor into the state and whose ``update`` reads that copy only: the chain then
+    holds no reference to the initial params, and a restored state brings its own anchor.
+    """
+
+    def init_fn(params: Any) -> Any:
+        return make(params).init(params)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> Any:
+        # The anchor argument is unused by `update` (it reads state.pretrained).
+        return make(params).update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_whole_leaves(mask: Any) -> optax.GradientTransformation:
+    """``child_tuning_d(mask)`` for a mask whose every leaf is all True or all False (such as
+    ``top_k_layers_mask``), without state: each update leaf passes or is zeroed.
+
+    (A ``ChildTuningDState`` of uniform leaves only would hold an empty mask buffer, which orbax
+    refuses to checkpoint; this keeps nothing but one Python bool per leaf.)
+    """
+
+    def keep(leaf: Any) -> bool:
+        leaf = np.asarray(leaf)
+        if leaf.size and leaf.any() != leaf.all():
+            raise ValueError("keep_whole_leaves needs every mask leaf all True or all False")
+        return bool(leaf.all())
+
+    flags = jax.tree.map(keep, mask)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> Any:
+        del params
+        return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, flags), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _lr_at(learning_rate: float | optax.Schedule) -> optax.Schedule:
+    return learning_rate if callable(learning_rate) else lambda count: learning_rate
+
+
+def make_optimizer(
+    child: optax.GradientTransformation,
+    params: Any,
+    settings: OptimizerSettings,
+    regularizer: Regularizer | None = None,
+) -> optax.GradientTransformation:
+    """``clip -> child -> AdamW`` with weight decay off biases and LayerNorm, and the pieces of
+    ``regularizer`` (see the module docstring); ``params`` are read for names and shapes only."""
     if settings.optimizer not in OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {settings.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}."
         )
-    adamw = OPTIMIZERS[settings.optimizer]
-    return optax.chain(
-        optax.clip_by_global_norm(settings.max_grad_norm),
-        child,
-        adamw(
-            settings.learning_rate,
-            b1=settings.b1,
-            b2=settings.b2,
-            eps=settings.eps,
-            weight_decay=settings.weight_decay,
-            mask=decay_mask(params),
-        ),
-    )
+    reg = regularizer or Regularizer()
+    lr = settings.learning_rate
+    chain = [optax.clip_by_global_norm(settings.max_grad_norm), child]
+    if reg.name == "top_k":
+        try:
+            chain.append(keep_whole_leaves(top_k_layers_mask(params, reg.top_k_layers)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.top_k_layers={reg.top_k_layers!r}: {error}") from None
+    decay_form = reg.decay_form if reg.name == "decay_to_pretrained" else None
+    if decay_form == "penalty":
+        c = reg.decay_coefficient
+        chain.append(
+            anchored_at_init(lambda pre: decay_to_pretrained(pre, c, mask=default_anchor_mask))
+        )
+    if reg.name == "recadam":
+        chain.append(
+            anchored_at_init(
+                lambda pre: recadam(
+                    lr,
+                    pre,
+                    b1=settings.b1,
+                    b2=settings.b2,
+                    eps=settings.eps,
+                    weight_decay=settings.weight_decay,
+                    anneal_fun=reg.recadam_anneal_fun,
+                    anneal_k=reg.recadam_anneal_k,
+                    anneal_t0=reg.recadam_anneal_t0,
+                    anneal_w=reg.recadam_anneal_w,
+                    pretrain_cof=reg.recadam_pretrain_cof,
+                    weight_decay_mask=decay_mask,
+                )
+            )
+        )
+    else:
+        adamw = OPTIMIZERS[settings.optimizer]
+        chain.append(
+            adamw(
+                lr,
+                b1=settings.b1,
+                b2=settings.b2,
+                eps=settings.eps,
+                weight_decay=settings.weight_decay,
+                mask=decay_mask(params),
+            )
+        )
+    if decay_form == "decoupled":
+        c, lr_at = reg.decay_coefficient, _lr_at(lr)
+        coefficient = lambda count: -c * lr_at(count)  # AdamW's update is already scaled by -lr
+        chain.append(
+            anchored_at_init(
+                lambda pre: decay_to_pretrained(pre, coefficient, mask=default_anchor_mask)
+            )
+        )
+    if reg.name == "mixout":
+        chain.append(hold_anchor())
+    return optax.chain(*chain)
 
 
 def settings_from_config(config: Any, schedule: optax.Schedule) -> OptimizerSettings:
@@ -165,10 +287,12 @@ def optimizer_from_config(
     *,
     mask: Any = None,
 ) -> optax.GradientTransformation:
-    """The trainer's chain for ``config.mode`` (``mask``: ChildTuning-D's child network)."""
+    """The trainer's chain for ``config.mode`` and ``config.regularizer`` (``mask``:
+    ChildTuning-D's child network; ``params``: the initial params, the regularisers' anchor)."""
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     child = child_transform(config.mode, reserve_p=reserve_p, key=key, mask=mask)
-    return make_optimizer(child, params, settings_from_config(config, schedule))
+    regularizer = regularizers.from_config(config)
+    return make_optimizer(child, params, settings_from_config(config, schedule), regularizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +337,7 @@ def fisher_pass(
     One pass over the (shuffled) training batches with dropout on, with the plain task loss
     (regularisers do not enter it); each parameter's gradient of the batch-mean loss clipped to
     ``max_grad_norm`` on its own, squared and averaged over batches (a short last batch counts as
-    one, with its own mean). Batches are padded to a fixed size so the pass compiles once; see
+    one, with its own mean). Batches are padded as the training batches are; see
     ``input_pipeline.fisher_batches``.
     """
     dropout_rng = None
@@ -225,7 +349,9 @@ def fisher_pass(
     )
     stream = input_pipeline.FISHER_STREAM
     order = indices[input_pipeline.epoch_order(config.seed, 0, len(indices), stream)]
-    batches = input_pipeline.fisher_batches(data.train, order, batch_size, len(devices))
+    batches = input_pipeline.fisher_batches(
+        data.train, order, batch_size, len(devices), data.padding
+    )
     total = input_pipeline.num_batches(len(order), batch_size)
     return fisher_information(
         weighted_sum(objective),

@@ -75,7 +75,7 @@ def evaluate(
     metrics: dict[str, float] = {}
     for dev_set, features in zip(data.task.dev_sets, data.dev, strict=True):
         outputs = []
-        for batch in input_pipeline.eval_batches(features, batch_size):
+        for batch in input_pipeline.eval_batches(features, batch_size, data.padding):
             weights = batch.pop("weights")
             logits = np.asarray(p_eval_step(params, parallel.shard_batch(batch, devices)))
             outputs.append(logits.reshape(batch_size, -1)[weights > 0])

@@ -1,7 +1,7 @@
 """Turning examples into model inputs with a ``transformers`` fast tokenizer.
 
-Every example is padded (and truncated, longest text first) to ``max_seq_length`` so that batch
-shapes never change and a jitted step compiles once.
+Every example is padded (and truncated, longest text first) to ``max_seq_length`` on the
+tokenizer's own padding side; the input pipeline then cuts each batch to its bucket length.
 """
 
 from __future__ import annotations

@@ -26,12 +26,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.task = "rte"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
     config.data_dir = ""  # folder in the original GLUE layout; empty: nyu-mll/glue from the hub
     config.max_seq_length = 128
+    # "bucket": each batch padded to the smallest multiple of bucket_multiple (up to
+    # max_seq_length) holding its longest example; "max_length": every batch to max_seq_length.
+    config.padding = "bucket"
+    config.bucket_multiple = 32
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
 
     # Model: a local checkpoint folder or a hub name (childtuning_jax.models.from_pretrained).
     # The paper fine-tunes bert-large-cased; the default is the small packaged MiniLM (offline).
     config.model = minilm_path()
+    config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, Adam, Fisher: float32)
     config.dropout = config_dict.placeholder(float)  # None: the checkpoint's own dropout rates
 
     # Child-Tuning.
@@ -39,6 +44,29 @@ def get_config() -> ml_collections.ConfigDict:
     config.reserve_p = config_dict.placeholder(float)  # None: the authors' value for the task
     config.mask_rule = "fisher"  # ChildTuning-D's mask (childtuning_trainer.recipe.MASK_RULES)
     config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
+
+    # Comparison regularisers (childtuning_trainer.regularizers), combinable with every mode:
+    # none | decay_to_pretrained | top_k | mixout | recadam | r3f. Anchors: the params at step 0.
+    config.regularizer = "none"
+    # decay_to_pretrained (L2-SP, Li et al. 2018): c * (w - w0) on every leaf but the classifier.
+    config.decay_coefficient = 0.01  # c, as AdamW's weight_decay here
+    config.decay_form = "penalty"  # "penalty": gradient before AdamW | "decoupled": after Adam
+    # top_k: train only the top K encoder layers (+ pooler, head); F / D act inside them.
+    config.top_k_layers = 3
+    # mixout (Lee et al. 2020): mix probability; the reference's example uses 0.9. Dropout is set
+    # to 0 (mixout replaces it, as in the reference).
+    config.mixout_p = 0.9
+    # recadam (Chen et al. 2020), the reference script's defaults: sigmoid annealing with k = 0.5,
+    # t0 = 250, w = 1.0 and gamma (pretrain_cof) = 5000. Replaces AdamW.
+    config.recadam_anneal_fun = "sigmoid"  # sigmoid | linear | constant
+    config.recadam_anneal_k = 0.5
+    config.recadam_anneal_t0 = 250.0
+    config.recadam_anneal_w = 1.0
+    config.recadam_pretrain_cof = 5000.0
+    # r3f (Aghajanyan et al. 2021), fairseq's defaults: noise eps 1e-5, lambda 1.0, uniform noise.
+    config.r3f_eps = 1e-5
+    config.r3f_lambda = 1.0
+    config.r3f_noise = "uniform"  # uniform | normal
 
     # Optimisation (AdamW with linear warm-up and decay, as the official run script).
     config.optimizer = "hf_adamw"  # the official AdamW (childtuning_jax.hf_adamw) | "adamw" (optax)
@@ -59,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.resume = False
     config.eval_every_epoch = True  # False: evaluate after the last epoch only (saves CPU time)
     config.log_every_steps = 10
+    config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only
     config.checkpoint_every_steps = 200  # checkpoints are also written at the end of every epoch
     config.keep_checkpoints = 2
     config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)

@@ -47,6 +47,11 @@ def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
     assert fisher["examples_per_s"]["fisher (whole call)"] > 0
     assert results["memory"]["runs"]["D"]["peak_reset"] is True
     assert results["pmap_scaling"]["identical_within_1e-5"] is True
+    padding = results["padding"]
+    if "skipped" not in padding:  # needs ../shared/glue
+        cola = padding["tasks"]["cola"]
+        assert cola["bucket"]["real_token_share"] > cola["max_length"]["real_token_share"]
+        assert cola["metric_abs_diff"] <= 0.005 and len(cola["bucket"]["epoch_train_time_s"]) == 2
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert "smoke suite" in text and record["json"] in text and record["command"] in text

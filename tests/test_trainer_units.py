@@ -65,6 +65,8 @@ def _tiny_model(num_labels=2):
         (dict(warmup_ratio=1.5), r"warmup_ratio=1.5 must be in \[0, 1\]"),
         (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
         (dict(output_dir=""), "output_dir is empty"),
+        (dict(padding="longest"), "Unknown padding 'longest'; expected one of bucket, max_length"),
+        (dict(bucket_multiple=0), "bucket_multiple=0 must be a positive int"),
     ],
 )
 def test_config_checks_name_the_bad_setting(overrides, message):
@@ -199,6 +201,61 @@ def test_fisher_batches_weight_each_batch_to_its_own_mean():
         assert [int((b["weights"] > 0).sum()) for b in batches] == [4, 4, 2]
 
 
+def test_bucket_lengths_end_at_the_maximum():
+    assert input_pipeline.bucket_lengths(128, 32) == (32, 64, 96, 128)
+    assert input_pipeline.bucket_lengths(100, 32) == (32, 64, 96, 100)
+    assert input_pipeline.bucket_lengths(16, 32) == (16,)
+
+
+def _padded(lengths, total, side):
+    """Token rows of the given real lengths, padded with 0 to ``total`` on ``side``."""
+    ids = np.zeros((len(lengths), total), np.int32)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        where = slice(total - n, total) if side == "left" else slice(0, n)
+        ids[row, where] = np.arange(1, n + 1)
+        mask[row, where] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(ids),
+        "labels": np.zeros(len(lengths), np.int32),
+    }
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_bucket_padding_removes_only_padding_on_the_tokenizer_side(side):
+    features = _padded([5, 9, 3, 17, 2, 8], 24, side)
+    padding = input_pipeline.Padding(input_pipeline.bucket_lengths(24, 8), side)
+    batches = list(input_pipeline.train_batches(features, np.arange(6), 3, padding=padding))
+    assert [b["input_ids"].shape[1] for b in batches] == [16, 24]  # longest 9 -> 16; 17 -> 24
+    for batch, rows in zip(batches, ([0, 1, 2], [3, 4, 5]), strict=True):
+        full = features["input_ids"][rows]
+        kept = full[:, -batch["input_ids"].shape[1] :] if side == "left" else full[:, :16]
+        if batch["input_ids"].shape[1] == 16:
+            assert np.array_equal(batch["input_ids"], kept)
+        # every real token survives
+        assert batch["attention_mask"].sum() == features["attention_mask"][rows].sum()
+        assert batch["labels"].shape == (3,) and batch["weights"].shape == (3,)
+    whole = input_pipeline.Padding((24,), side)
+    assert next(input_pipeline.eval_batches(features, 3, whole))["input_ids"].shape == (3, 24)
+
+
+def test_bucketed_batches_give_the_logits_of_full_padding():
+    model, params = _tiny_model()
+    features = _padded([5, 9, 3, 12], 32, "right")
+    features["input_ids"] = features["input_ids"] % 50
+    full = next(input_pipeline.eval_batches(features, 4))
+    cut = next(input_pipeline.eval_batches(features, 4, input_pipeline.Padding((16, 32))))
+    assert cut["input_ids"].shape == (4, 16)
+    np.testing.assert_allclose(
+        model.apply(params, cut, dropout_rng=None),
+        model.apply(params, full, dropout_rng=None),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Objective and steps
 # ---------------------------------------------------------------------------------------------
@@ -317,3 +374,37 @@ def test_command_line_prints_one_error_line_without_data(tmp_path):
         [*command, "--traceback"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
     )
     assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_trivial_baseline_is_the_majority_class_or_a_constant():
+    from childtuning_trainer.tasks import metrics
+
+    what, scores = metrics.trivial_baseline(
+        tasks.get_task("mrpc"), np.array([1, 1, 0]), np.array([1, 0, 1, 1])
+    )
+    assert "majority class ('1')" in what
+    assert scores == pytest.approx({"accuracy": 0.75, "f1": 6 / 7})
+    _, scores = metrics.trivial_baseline(tasks.get_task("rte"), np.array([0, 1, 1]), np.ones(5))
+    assert scores == {"accuracy": 1.0}
+    what, scores = metrics.trivial_baseline(
+        tasks.get_task("stsb"), np.array([1.0, 2.0, 4.5]), np.array([0.5, 3.0])
+    )
+    assert "training mean 2.5" in what and scores == {"pearson": 0.0, "spearmanr": 0.0}
+
+
+def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path):
+    """reserve_p = 1 keeps every weight: no mixed leaf, yet the state still checkpoints."""
+    params = {"layer": {"w": np.ones((3, 2), np.float32)}, "head": np.ones(2, np.float32)}
+    mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+    tx = child_tuning_d(mask)
+    state = steps.TrainState(jnp.array(1, jnp.int32), params, tx.init(params))
+    manager = checkpoints.checkpoint_manager(_base_config(output_dir=str(tmp_path)))
+    checkpoints.save_checkpoint(
+        manager, jax.tree.map(lambda x: np.asarray(x)[None], state), {"step": 1}
+    )
+    manager.wait_until_finished()
+    restored, _ = checkpoints.restore_checkpoint(manager, state)
+    manager.close()
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, restored.opt_state)
+    assert all(np.all(u == 1) for u in jax.tree.leaves(updates))

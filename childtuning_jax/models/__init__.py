@@ -16,6 +16,7 @@ from childtuning_jax.models.bert import BertForSequenceClassification
 from childtuning_jax.models.electra import ElectraForSequenceClassification
 from childtuning_jax.models.pretrained import (
     ARCHITECTURES,
+    dropout_overrides,
     from_config,
     from_pretrained,
     load_config,
@@ -31,6 +32,7 @@ __all__ = [
     "ElectraForSequenceClassification",
     "RobertaForSequenceClassification",
     "XLNetForSequenceClassification",
+    "dropout_overrides",
     "from_config",
     "from_pretrained",
     "load_config",

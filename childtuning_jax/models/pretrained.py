@@ -40,6 +40,11 @@ class Architecture(NamedTuple):
     head_prefixes: tuple[str, ...]  # parameters a pretrained (non-task) checkpoint may lack
     hf_class: str  # the ``transformers`` class written to config.json
     padded_embeddings: tuple[str, ...]  # embeddings whose padding row HF initialises to zero
+    dropout_fields: tuple[str, ...]  # the config fields of every dropout rate the model uses
+
+
+# BERT, RoBERTa and ELECTRA: the encoder's two rates and the head's (``None``: the hidden rate).
+_ENCODER_DROPOUT = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -49,6 +54,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("bert/pooler/", "classifier/"),
         "BertForSequenceClassification",
         ("bert/embeddings/word_embeddings/embedding",),
+        _ENCODER_DROPOUT,
     ),
     "roberta": Architecture(
         RobertaForSequenceClassification,
@@ -59,6 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "roberta/embeddings/word_embeddings/embedding",
             "roberta/embeddings/position_embeddings/embedding",
         ),
+        _ENCODER_DROPOUT,
     ),
     "electra": Architecture(
         ElectraForSequenceClassification,
@@ -66,6 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("classifier/",),
         "ElectraForSequenceClassification",
         ("electra/embeddings/word_embeddings/embedding",),
+        _ENCODER_DROPOUT,
     ),
     "xlnet": Architecture(
         XLNetForSequenceClassification,
@@ -73,6 +81,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("sequence_summary/", "logits_proj/"),
         "XLNetForSequenceClassification",
         (),  # XLNet's word embedding has no padding row
+        # ``dropout`` covers embeddings, attention, feed-forward and output; the summary has two.
+        ("dropout", "summary_first_dropout", "summary_last_dropout"),
     ),
 }
 
@@ -86,8 +96,32 @@ def _architecture(config: Any) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def _prepare_config(config: Any, num_labels: int | None, overrides: dict[str, Any]) -> Any:
-    """A copy of ``config`` with the overrides, ``num_labels`` and a matching ``problem_type``."""
+def dropout_overrides(config: Any, rate: float) -> dict[str, float]:
+    """Config overrides that set every dropout rate of the model for ``config`` to ``rate``.
+
+    BERT, RoBERTa, ELECTRA: ``hidden_dropout_prob``, ``attention_probs_dropout_prob`` and the
+    head's ``classifier_dropout``. XLNet: ``dropout`` (embeddings, attention, feed-forward,
+    output) and the sequence summary's ``summary_last_dropout`` and ``summary_first_dropout``. A
+    field the config lacks is left out (XLNet's ``summary_first_dropout``: absent means no dropout
+    there, as in ``transformers``), so ``rate=0`` switches off every dropout site. Pass the result
+    as ``**config_overrides`` (or use the ``dropout=`` option of :func:`from_pretrained`).
+
+    Raises:
+      ValueError: ``rate`` outside [0, 1), or an unsupported ``model_type``.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate {rate} must be in [0, 1)")
+    fields = _architecture(config).dropout_fields
+    return {name: float(rate) for name in fields if hasattr(config, name)}
+
+
+def _prepare_config(
+    config: Any, num_labels: int | None, overrides: dict[str, Any], dropout: float | None = None
+) -> Any:
+    """A copy of ``config`` with the dropout rate, the overrides, ``num_labels`` and a matching
+    ``problem_type``."""
+    if dropout is not None:
+        overrides = {**dropout_overrides(config, dropout), **overrides}
     config = copy.deepcopy(config)
     for name, value in overrides.items():
         if not hasattr(config, name):
@@ -107,6 +141,7 @@ def from_config(
     num_labels: int | None = None,
     seed: int = 0,
     dtype: Any = jnp.float32,
+    dropout: float | None = None,
     **config_overrides: Any,
 ) -> Model:
     """A randomly initialised model (as Hugging Face initialises it) for a ``transformers`` config.
@@ -117,9 +152,12 @@ def from_config(
       num_labels: output size; 1 is regression. ``None`` keeps ``config.num_labels``.
       seed: seeds the initialisation.
       dtype: compute dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
-      **config_overrides: config attributes to change, e.g. ``hidden_dropout_prob=0.0``.
+      dropout: every dropout rate of the model (:func:`dropout_overrides`); ``None`` keeps the
+        config's rates.
+      **config_overrides: config attributes to change, e.g. ``hidden_dropout_prob=0.0`` (applied
+        after ``dropout``).
     """
-    config = _prepare_config(config, num_labels, config_overrides)
+    config = _prepare_config(config, num_labels, config_overrides, dropout)
     model, _ = _build(_architecture(config), config, dtype, None, seed=seed)
     return model
 
@@ -199,6 +237,7 @@ def from_pretrained(
     seed: int = 0,
     revision: str | None = None,
     ignore_mismatched_sizes: bool = False,
+    dropout: float | None = None,
     **config_overrides: Any,
 ) -> Model:
     """Loads a Hugging Face BERT / RoBERTa / ELECTRA / XLNet checkpoint as a Flax classifier.
@@ -219,7 +258,10 @@ def from_pretrained(
       revision: hub revision.
       ignore_mismatched_sizes: re-initialise tensors whose shapes differ from the config (e.g. a
         fine-tuned head with another ``num_labels``) instead of raising.
-      **config_overrides: config attributes to change, e.g. ``hidden_dropout_prob=0.0``.
+      dropout: every dropout rate of the model (:func:`dropout_overrides`), e.g. 0 to switch
+        dropout off; ``None`` keeps the checkpoint's rates.
+      **config_overrides: config attributes to change, e.g. ``hidden_dropout_prob=0.0`` (applied
+        after ``dropout``).
 
     Returns:
       The model in evaluation mode by default: ``model(input_ids, attention_mask,
@@ -234,7 +276,7 @@ def from_pretrained(
     name_or_path = os.fspath(name_or_path)
     config = load_config(name_or_path, revision=revision)
     arch = _architecture(config)
-    config = _prepare_config(config, num_labels, config_overrides)
+    config = _prepare_config(config, num_labels, config_overrides, dropout)
     files = _weight_files(name_or_path, revision)
     state = convert.read_state_dict(files)
 

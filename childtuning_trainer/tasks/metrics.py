@@ -42,3 +42,24 @@ def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[s
             raise ValueError(f"Unknown GLUE metric {name!r}.")
         out[name] = float(value)
     return out
+
+
+def trivial_baseline(
+    task: Task, train_labels: np.ndarray, dev_labels: np.ndarray
+) -> tuple[str, dict[str, float]]:
+    """The metrics of the trivial predictor a fine-tuned model has to beat, and its description.
+
+    Classification: the training set's majority class for every dev example. Regression: the
+    training mean for every example; a constant has no correlation, scored 0.
+    """
+    train_labels, dev_labels = np.asarray(train_labels), np.asarray(dev_labels)
+    if task.is_regression:
+        mean = float(train_labels.mean())
+        scores = {name: 0.0 for name in task.metrics if name in ("pearson", "spearmanr")}
+        return f"a constant prediction (the training mean {mean:.3g})", scores
+    majority = int(np.bincount(train_labels.astype(np.int64), minlength=task.num_labels).argmax())
+    preds = np.full(len(dev_labels), majority)
+    with np.errstate(all="ignore"):
+        scores = compute_metrics(task, preds, dev_labels)
+    name = task.labels[majority] if task.labels else str(majority)
+    return f"the majority class ({name!r}) for every example", scores
