@@ -306,7 +306,6 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
     _, params = _tiny_model()
     rng = np.random.default_rng(0)
     mask = jax.tree.map(lambda p: rng.random(np.shape(p)) < 0.3, params)
-    mask = jax.tree.map(lambda m: m, mask)
     names = leaf_names(mask)
     leaves = [
         np.ones_like(m) if "layer" not in n else m
