@@ -7,7 +7,7 @@ GLUE_DIR ?= ../shared/glue
 
 BARE ?= .venv-bare
 
-.PHONY: install test test-bare lint quickstart rte bench
+.PHONY: install test test-bare lint quickstart rte bench launch
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,11 @@ rte: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# Multi-host on one machine: 2 processes x 2 CPU devices (jax.distributed over gloo), ChildTuning-D
+# on 64 RTE examples; compare with `make rte`-style single-process runs (README, Multi-host).
+launch: install
+	$(GLUE_NOTE)
+	$(PY) launch.py --num_processes=2 --devices_per_process=2 -- --config=configs/rte.py \
+	  --config.mode=D $(GLUE_FLAGS) --config.max_train_samples=64 --config.num_train_epochs=1 \
+	  --config.per_device_batch_size=4 --config.output_dir=runs/rte_D_2x2

@@ -44,6 +44,7 @@ BENCHMARKS = (
     "memory",
     "pmap_scaling",
     "padding",
+    "compile_cache",
 )
 CPU_THREADS = 2
 
@@ -53,6 +54,7 @@ def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callabl
     the train-step benchmark, default 3)."""
     from benchmarks import (
         common,
+        compile_cache,
         fisher_pass,
         mask_selection,
         memory,
@@ -77,6 +79,7 @@ def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callabl
         ),
         "pmap_scaling": lambda: pmap_scaling.run(smoke=smoke),
         "padding": lambda: padding.run(smoke=smoke),
+        "compile_cache": lambda: compile_cache.run(smoke=smoke),
     }
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     record = records.new_record("smoke" if args.smoke else "cpu", argv)
     start = time.perf_counter()
     with shared_compilation_cache():
-        background = ("memory", "pmap_scaling") if args.smoke else ()
+        background = ("memory", "pmap_scaling", "compile_cache") if args.smoke else ()
         results, errors = run_suite(
             cpu_suite(args.smoke, args.train_rounds), only, background=background
         )

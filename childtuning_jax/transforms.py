@@ -161,19 +161,44 @@ class ChildTuningDState(NamedTuple):
     a mask leaf per parameter tensor would add one such argument for every tensor.
 
     Attributes:
-      mask: 1-D bool, the mask of every mixed leaf (some True, some False), each flattened in C
-        order, concatenated in the mask's ``jax.tree.leaves`` order. One byte per parameter of
-        those leaves.
+      mask: 1-D ``uint8``, the mask of every mixed leaf (some True, some False) as packed bits:
+        each leaf flattened in C order and padded with False to a multiple of 8 elements, element
+        ``8 * j + k`` in bit ``k`` (least significant first) of the leaf's byte ``j``
+        (``np.packbits(..., bitorder="little")``), the leaves' bytes concatenated in the mask's
+        ``jax.tree.leaves`` order. 1/8 byte per parameter of those leaves.
       uniform: 1-D bool, one value per uniform leaf (all True, like the embeddings, pooler and
         classifier that ChildTuning-D always trains, or all False), in the same order. The update
         reads no mask bytes for those leaves.
 
-    A buffer with nothing to hold (no mixed leaves, or no uniform ones) holds one unused ``False``,
+    A buffer with nothing to hold (no mixed leaves, or no uniform ones) holds one unused zero,
     since checkpointers refuse zero-size arrays.
     """
 
     mask: jax.Array
     uniform: jax.Array
+
+
+# Bit k of a packed mask byte holds element 8 * j + k of its leaf (see ChildTuningDState.mask).
+_BIT_SHIFTS = np.arange(8, dtype=np.uint8)
+
+
+def pack_mask_bits(leaf_mask: np.ndarray) -> np.ndarray:
+    """One mixed leaf's bool mask as :class:`ChildTuningDState` bytes: C order, 8 per byte, least
+    significant bit first, the last byte padded with False."""
+    return np.packbits(np.asarray(leaf_mask, bool).reshape(-1), bitorder="little")
+
+
+def unpack_mask_bits(packed: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The inverse of :func:`pack_mask_bits` in JAX: bool of ``shape`` from its bytes.
+
+    Elementwise, so XLA fuses it into the consumer: a loop reads one mask byte per 8 elements.
+    """
+    size = math.prod(shape)
+    bits = (packed[:, None] >> _BIT_SHIFTS) & np.uint8(1)  # (bytes, 8): element 8 * j + k
+    bits = bits.reshape(-1)
+    if bits.shape[0] != size:
+        bits = bits[:size]
+    return bits.reshape(tuple(shape)) != 0
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:
@@ -300,8 +325,8 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
 
     Args:
       mask: a pytree of boolean arrays (0/1 numbers are accepted) with the leaf names and shapes
-        of the params. The state holds it as :class:`ChildTuningDState`: one byte per parameter of
-        the mixed leaves, one bool per uniform (all True or all False) leaf.
+        of the params. The state holds it as :class:`ChildTuningDState`: packed bits (1/8 byte
+        per parameter) for the mixed leaves, one bool per uniform (all True or all False) leaf.
 
     Returns:
       An ``optax.GradientTransformation``. ``init`` (call it outside ``jit``) returns a fresh copy
@@ -312,8 +337,8 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
     flat = jax.tree_util.tree_flatten_with_path(bool_mask)[0]
     names = [paths.keypath_to_str(p) for p, _ in flat]
     shapes = [m.shape for _, m in flat]
-    # Per mask leaf: ("uniform", index into state.uniform) or ("mixed", offset into state.mask,
-    # shape).
+    # Per mask leaf: ("uniform", index into state.uniform) or ("mixed", byte offset into
+    # state.mask, shape).
     slots: list[tuple[Any, ...]] = []
     uniform_values, mixed_parts, offset = [], [], 0
     for _, m in flat:
@@ -322,38 +347,44 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformation:
             uniform_values.append(bool(m.flat[0]))
         else:
             slots.append(("mixed", offset, m.shape))
-            mixed_parts.append(m.reshape(-1))
-            offset += m.size
-    # The transform keeps the mask on the host as packed bits (1/8 byte per parameter) and hands
-    # out a fresh device copy at each init: donating the optimizer state in a train step then
-    # deletes neither the transform's copy nor the caller's mask, and the device holds one mask.
-    # An empty buffer holds one unused False instead: checkpointers refuse zero-size arrays.
-    packed_mask = np.packbits(np.concatenate(mixed_parts) if mixed_parts else np.zeros(1, bool))
-    mixed_size = max(offset, 1)
+            mixed_parts.append(pack_mask_bits(m))
+            offset += mixed_parts[-1].size
+    # An empty buffer holds one unused zero instead: checkpointers refuse zero-size arrays.
+    packed_host = np.concatenate(mixed_parts) if mixed_parts else np.zeros(1, np.uint8)
     uniform_host = np.asarray(uniform_values or [False], dtype=bool)
     del bool_mask, flat, mixed_parts
 
     def init_fn(params: Any) -> ChildTuningDState:
         _match_layout(names, shapes, params, "params")
-        unpacked = np.unpackbits(packed_mask, count=mixed_size).view(bool)  # 0/1 bytes: no copy
-        return ChildTuningDState(mask=jnp.asarray(unpacked), uniform=jnp.asarray(uniform_host))
+        # Fresh copies: a train step that donates the state deletes neither the transform's
+        # buffers nor the caller's mask.
+        return ChildTuningDState(
+            mask=jnp.array(packed_host, copy=True), uniform=jnp.array(uniform_host, copy=True)
+        )
 
     def leaf_mask(state: ChildTuningDState, slot: tuple[Any, ...]) -> jax.Array:
         if slot[0] == "uniform":
             return state.uniform[slot[1]]
         _, start, shape = slot
-        return jax.lax.slice(state.mask, (start,), (start + math.prod(shape),)).reshape(shape)
+        size = -(-math.prod(shape) // 8)
+        return unpack_mask_bits(jax.lax.slice(state.mask, (start,), (start + size,)), shape)
 
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef, order = _match_layout(names, shapes, updates, "updates")
-        expected = ((mixed_size,), (uniform_host.size,))
+        expected = ((packed_host.size,), (uniform_host.size,))
         if (np.shape(state.mask), np.shape(state.uniform)) != expected:
             raise ValueError(
                 f"ChildTuningDState holds mask {np.shape(state.mask)} and uniform "
                 f"{np.shape(state.uniform)}, but this transform's mask needs {expected[0]} and "
                 f"{expected[1]}: the state comes from a different mask"
             )
+        if state.mask.dtype != np.uint8:
+            raise ValueError(
+                f"ChildTuningDState.mask must be packed uint8 bits, got dtype {state.mask.dtype}"
+            )
+        # XLA fuses the unpacking into every elementwise loop that reads the masked gradient
+        # (AdamW's mu and nu loops), which then read 1/8 byte of mask per element.
         masked = [
             jnp.where(leaf_mask(state, slots[i]), g, jnp.zeros((), g.dtype))
             for g, i in zip(leaves, order, strict=True)

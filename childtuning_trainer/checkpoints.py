@@ -3,6 +3,13 @@
 A checkpoint holds everything that determines the rest of the run: parameters, the optimizer state
 (with ChildTuning-F's key or ChildTuning-D's mask, and the regularisers' anchor weights), the step,
 where the data stream stands, and the dev results so far, so a resumed run continues bit for bit.
+
+A checkpoint is all or nothing: orbax writes the state and the JSON bookkeeping of a step into one
+temporary folder (``<step>.orbax-checkpoint-tmp-*``) and renames it to ``<step>`` once both are
+complete; ``latest_step`` never lists a temporary folder, and a new manager deletes those a killed
+run left. The state saved is one host copy (the same whatever the layout or process count), so a
+run can resume on another layout with the same global batch. In a multi-process run every
+process calls these functions (orbax synchronises them; process 0 writes the files).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ RESUME_KEYS = (
     "task",
     "mode",
     "mask_rule",
+    "prune",
     "model",
     "seed",
     "learning_rate",
@@ -42,7 +50,9 @@ RESUME_KEYS = (
 
 def checkpoint_manager(config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     directory = os.path.join(os.path.abspath(config.output_dir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 import transformers
 
-from childtuning_trainer import input_pipeline, recipe, regularizers, tasks
+from childtuning_trainer import extra_eval, input_pipeline, recipe, regularizers, tasks
 
 
 def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
@@ -20,6 +20,8 @@ def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
             f"{', '.join(recipe.OPTIMIZERS)}."
         )
     recipe.get_mask_rule(config.mask_rule)
+    if config.prune and config.mode != "D":
+        raise ValueError(f"config.prune needs mode D (the child network), not {config.mode!r}.")
     positive = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")
     for key in positive:
         if not config[key] > 0:
@@ -41,6 +43,7 @@ def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
         raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
     recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
     regularizers.check_config(config)  # (mixout: an unset dropout becomes 0)
+    extra_eval.check_config(config.get("extra_eval", ""), task)
     return task
 
 

@@ -29,11 +29,14 @@ from childtuning_jax.models import from_pretrained
 from childtuning_trainer import (
     checkpoints,
     config_checks,
+    distributed,
+    extra_eval,
     input_pipeline,
     outputs,
     parallel,
     recipe,
     regularizers,
+    saved_model,
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
@@ -89,6 +92,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     schedule: optax.Schedule
+    extra_sets: list[extra_eval.ExtraSet] = dataclasses.field(default_factory=list)
 
     @property
     def global_batch(self) -> int:
@@ -113,10 +117,12 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
     """Checks everything that can be wrong with the input, then tokenises and loads the model."""
+    distributed.initialize(config)  # joins the other processes, before any JAX work
     task = config_checks.check_config(config)
     reserve_p = recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
-    devices = parallel.select_devices(config.num_devices)
+    devices = parallel.select_devices(config.num_devices, config.parallelism)
     train_examples, dev_examples = input_pipeline.load_examples(config, task)
+    extra_sets = extra_eval.load_sets(config.get("extra_eval", ""), task)
     config_checks.check_model(config.model, task, config.max_seq_length)
     os.makedirs(config.output_dir, exist_ok=True)
     manager = checkpoints.checkpoint_manager(config)
@@ -130,6 +136,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     data = input_pipeline.tokenize_all(
         train_examples, dev_examples, task, tokenizer, config.max_seq_length, padding
     )
+    extra_sets = extra_eval.tokenize_sets(extra_sets, tokenizer, config.max_seq_length)
     global_batch = config.per_device_batch_size * len(devices)
     steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
     total_steps = steps_per_epoch * config.num_train_epochs
@@ -147,6 +154,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         steps_per_epoch,
         total_steps,
         schedule,
+        extra_sets,
     )
 
 
@@ -189,6 +197,8 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
             f"Fisher information: {meta['fisher_time_s']:.1f}s; child network keeps "
             f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
         )
+        if config.prune:  # the pruning ablation: the model is the child network alone
+            params = recipe.prune(params, mask)
     tx = recipe.optimizer_from_config(config, params, run.schedule, run.reserve_p, mask=mask)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, meta
 
@@ -311,6 +321,7 @@ def results_of(run: Run, meta: dict) -> dict:
         "best": {"epoch": best["epoch"], "metric": task.metrics[0], "eval": best["eval"]},
         "history": history,
         "baseline": {"predictor": predictor, "eval": baseline},
+        "extra_eval": meta.get("extra_eval", {}),
         "fisher_time_s": meta["fisher_time_s"],
         "train_time_s": meta["train_time_s"],
         "epoch_train_time_s": meta.get("epoch_train_time_s", []),
@@ -345,6 +356,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     run.manager.close()
     if state is None:
         return None
+    meta["extra_eval"] = extra_eval.evaluate(
+        run.extra_sets,
+        run.model,
+        state.params,
+        run.task.labels,
+        run.devices,
+        run.global_batch,
+        run.data.padding,
+    )
     results = results_of(run, meta)
+    host_params = parallel.to_host(state.params)
+    if config.save_model and distributed.is_writer():
+        saved_model.save_params(config.output_dir, host_params)
     outputs.write_json(os.path.join(config.output_dir, "results.json"), results)
-    return results, parallel.to_host(state.params)
+    return results, host_params

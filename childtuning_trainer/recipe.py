@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,7 +55,6 @@ from childtuning_jax import (
     child_tuning_d,
     child_tuning_f,
     decay_to_pretrained,
-    fisher_information,
     fisher_mask,
     hf_adamw,
     leaf_names,
@@ -63,7 +63,7 @@ from childtuning_jax import (
     top_k_layers_mask,
 )
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import input_pipeline, regularizers
+from childtuning_trainer import input_pipeline, regularizers, steps
 from childtuning_trainer.objective import Objective, weighted_sum
 from childtuning_trainer.regularizers import Regularizer, hold_anchor
 
@@ -313,10 +313,44 @@ class MaskInputs:
 
 MaskRule = Callable[[MaskInputs], Any]
 
+
+def random_scores(params: Any, seed: int) -> Any:
+    """Uniform [0, 1) scores, one per element of every leaf, from ``seed`` (and the leaf name)."""
+    key = jax.random.fold_in(jax.random.key(seed), 5)
+
+    def score(name: str, leaf: Any) -> jax.Array:
+        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        return jax.random.uniform(leaf_key, np.shape(leaf), jnp.float32)
+
+    return map_with_name(score, params)
+
+
+def lowest_fisher_mask(fisher: Any, reserve_p: float) -> Any:
+    """The bottom ``reserve_p`` of the encoder-layer parameters by Fisher information (ties at the
+    threshold kept): :func:`fisher_mask` of the negated information."""
+    return fisher_mask(jax.tree.map(jnp.negative, fisher), reserve_p)
+
+
 MASK_RULES: dict[str, MaskRule] = {
     # The official rule: the top reserve_p of encoder-layer parameters by Fisher information.
     "fisher": lambda inputs: fisher_mask(inputs.fisher(), inputs.reserve_p),
+    # Ablations of the paper (Sec. 5): the lowest-Fisher parameters instead of the highest, and a
+    # uniformly random child network with the same kept fraction (same threshold rule on random
+    # scores, so the kept count is the Fisher rule's). Neither needs the Fisher pass but the first.
+    "lowest_fisher": lambda inputs: lowest_fisher_mask(inputs.fisher(), inputs.reserve_p),
+    "random": lambda inputs: fisher_mask(
+        random_scores(inputs.params, inputs.seed), inputs.reserve_p
+    ),
 }
+
+
+def prune(params: Any, mask: Any) -> Any:
+    """``params`` with every parameter outside the child network set to 0 (the paper's pruning
+    ablation: the model is the child network alone). ``mask`` is matched by leaf name."""
+    masks = dict(zip(leaf_names(mask), jax.tree.leaves(mask), strict=True))
+    return map_with_name(
+        lambda name, leaf: jnp.where(masks[name], leaf, 0).astype(leaf.dtype), params
+    )
 
 
 def get_mask_rule(name: str) -> MaskRule:
@@ -338,7 +372,8 @@ def fisher_pass(
     (regularisers do not enter it); each parameter's gradient of the batch-mean loss clipped to
     ``max_grad_norm`` on its own, squared and averaged over batches (a short last batch counts as
     one, with its own mean). Batches are padded as the training batches are; see
-    ``input_pipeline.fisher_batches``.
+    ``input_pipeline.fisher_batches``. ``devices``: the run's (a ``parallel.Layout``, every
+    process's devices); the result is the same host arrays in every process.
     """
     dropout_rng = None
     if config.dropout is None or config.dropout > 0:
@@ -353,13 +388,13 @@ def fisher_pass(
         data.train, order, batch_size, len(devices), data.padding
     )
     total = input_pipeline.num_batches(len(order), batch_size)
-    return fisher_information(
+    return steps.fisher_information(
         weighted_sum(objective),
         params,
         tqdm(batches, total=total, desc="Fisher information", leave=False),
+        devices,
         max_grad_norm=config.max_grad_norm,
         rng=dropout_rng,
-        devices=devices,
     )
 
 

@@ -23,8 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    config.task = "rte"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
-    config.data_dir = ""  # folder in the original GLUE layout; empty: nyu-mll/glue from the hub
+    # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick
+    config.task = "rte"
+    # GLUE: a folder in the original GLUE layout; NLI tasks: a folder holding snli/, mnli/, sick/
+    # (../shared/nli). Empty: the task's hub dataset (nyu-mll/glue for GLUE).
+    config.data_dir = ""
     config.max_seq_length = 128
     # "bucket": each batch padded to the smallest multiple of bucket_multiple (up to
     # max_seq_length) holding its longest example; "max_length": every batch to max_seq_length.
@@ -32,6 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.bucket_multiple = 32
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
+
+    # Extra evaluation sets for an NLI task (snli, mnli_m, sick, mnli, rte, qnli), scored in
+    # full after training:
+    # "name=path,name=path" of NLI JSON-lines files (three-way or two-way labels) or SICK.txt
+    # (its TEST split). results.json: extra_eval = {name: {accuracy, num_examples}}.
+    config.extra_eval = ""
 
     # Model: a local checkpoint folder or a hub name (childtuning_jax.models.from_pretrained).
     # The paper fine-tunes bert-large-cased; the default is the small packaged MiniLM (offline).
@@ -42,8 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Child-Tuning.
     config.mode = "D"  # vanilla | F | D
     config.reserve_p = config_dict.placeholder(float)  # None: the authors' value for the task
-    config.mask_rule = "fisher"  # ChildTuning-D's mask (childtuning_trainer.recipe.MASK_RULES)
+    # ChildTuning-D's mask (childtuning_trainer.recipe.MASK_RULES): fisher (official) |
+    # lowest_fisher | random (the paper's ablations, same kept fraction)
+    config.mask_rule = "fisher"
     config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
+    # D only: zero every encoder-layer weight outside the child network before training (the
+    # paper's pruning ablation), then fine-tune the child network as D does.
+    config.prune = False
 
     # Comparison regularisers (childtuning_trainer.regularizers), combinable with every mode:
     # none | decay_to_pretrained | top_k | mixout | recadam | r3f. Anchors: the params at step 0.
@@ -82,6 +96,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.adam_eps = 1e-8
     config.max_grad_norm = 1.0
 
+    # Parallelism and multi-process runs (childtuning_trainer.parallel, .distributed).
+    # "pmap" (default) | "jit": jax.jit over a Mesh, batch sharded over its "data" axis, params
+    # and optimizer state replicated; both give the same results.
+    config.parallelism = "pmap"
+    # jax.distributed.initialize(coordinator_address, num_processes, process_id): set all three
+    # (launch.py does) or none; none: a single process, or what JAX detects (TPU pod, Slurm).
+    config.coordinator_address = ""  # host:port of process 0
+    config.num_processes = config_dict.placeholder(int)
+    config.process_id = config_dict.placeholder(int)
+
     # Output, logging, checkpoints.
     config.output_dir = ""
     config.resume = False
@@ -90,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only
     config.checkpoint_every_steps = 200  # checkpoints are also written at the end of every epoch
     config.keep_checkpoints = 2
+    config.save_model = True  # the final parameters as output_dir/params.msgpack
     config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)
     return config
 

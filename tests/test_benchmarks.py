@@ -52,6 +52,9 @@ def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
         cola = padding["tasks"]["cola"]
         assert cola["bucket"]["real_token_share"] > cola["max_length"]["real_token_share"]
         assert cola["metric_abs_diff"] <= 0.005 and len(cola["bucket"]["epoch_train_time_s"]) == 2
+    cache = results["compile_cache"]
+    if "skipped" not in cache:  # needs ../shared/glue
+        assert cache["same_metrics"] is True and cache["cache_bytes"] > 0
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert "smoke suite" in text and record["json"] in text and record["command"] in text

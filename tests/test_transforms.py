@@ -175,7 +175,7 @@ def test_d_multiplies_by_mask_without_rescaling():
         out,
         mask,
     )
-    assert all(leaf.dtype == jnp.bool_ for leaf in jax.tree.leaves(state))
+    assert (state.mask.dtype, state.uniform.dtype) == (jnp.uint8, jnp.bool_)
 
 
 def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
@@ -183,8 +183,9 @@ def test_d_mask_lives_in_state_and_accepts_zero_one_numbers():
     tx = ct.child_tuning_d({"w": np.array([[1, 0], [0, 1], [1, 1]], np.int32)})
     state = tx.init(params)
     assert isinstance(state, ct.ChildTuningDState)
-    assert state.mask.dtype == jnp.bool_
-    np.testing.assert_array_equal(np.asarray(state.mask), [1, 0, 0, 1, 1, 1])
+    # Packed bits, least significant first: elements 0, 3, 4 and 5 are kept.
+    assert state.mask.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(state.mask), [0b00111001])
     with pytest.raises(ValueError, match="0/1"):
         ct.child_tuning_d({"w": np.full((3, 2), 2)})
 
@@ -199,16 +200,18 @@ def test_d_state_is_two_flat_buffers_that_decide():
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
     tx = ct.child_tuning_d(mask)
     state = tx.init(params)
-    # Mixed leaves flattened into `mask`; uniform leaves (emb, off) one bool each in `uniform`.
-    np.testing.assert_array_equal(np.asarray(state.mask), mask["layer"].reshape(-1))
+    # Mixed leaves packed into `mask`; uniform leaves (emb, off) one bool each in `uniform`.
+    np.testing.assert_array_equal(
+        np.unpackbits(np.asarray(state.mask), count=6, bitorder="little"),
+        mask["layer"].reshape(-1),
+    )
     np.testing.assert_array_equal(np.asarray(state.uniform), [True, False])
     out, _ = jax.jit(tx.update)(grads, state)
     for name in params:
         np.testing.assert_array_equal(np.asarray(out[name]), np.where(mask[name], 0.5, 0.0))
-    # The state, not the transform's closure, decides: edit both buffers.
-    edited = ct.ChildTuningDState(
-        mask=jnp.logical_not(state.mask), uniform=jnp.asarray([False, True])
-    )
+    # The state, not the transform's closure, decides: edit both buffers (the padding bits of
+    # the flipped byte are never read).
+    edited = ct.ChildTuningDState(mask=~state.mask, uniform=jnp.asarray([False, True]))
     out, _ = jax.jit(tx.update)(grads, edited)
     np.testing.assert_array_equal(np.asarray(out["emb"]), np.zeros((5, 4)))
     np.testing.assert_array_equal(np.asarray(out["off"]), np.full((2,), 0.5))
@@ -216,7 +219,76 @@ def test_d_state_is_two_flat_buffers_that_decide():
     with pytest.raises(ValueError, match="'layer'"):
         tx.update({**grads, "layer": jnp.ones((2, 3))}, state)
     with pytest.raises(ValueError, match="different mask"):
-        tx.update(grads, ct.ChildTuningDState(mask=state.mask[:4], uniform=state.uniform))
+        tx.update(grads, state._replace(mask=jnp.zeros(2, jnp.uint8)))
+    with pytest.raises(ValueError, match="different mask"):  # the unpacked bool layout
+        tx.update(grads, state._replace(mask=jnp.asarray(mask["layer"].reshape(-1))))
+    with pytest.raises(ValueError, match="packed uint8"):
+        tx.update(grads, state._replace(mask=state.mask.astype(bool)))
+
+
+def test_d_packs_each_mixed_leaf_from_a_byte_boundary():
+    # Sizes that are not multiples of 8, an empty leaf and a uniform leaf between mixed ones.
+    rng = np.random.default_rng(3)
+    mask = {
+        "a": rng.random((3, 5)) < 0.5,
+        "b": np.ones((4,), bool),
+        "c": rng.random((7,)) < 0.5,
+        "d": np.zeros((0, 3), bool),
+        "e": rng.random((2, 9, 4)) < 0.5,
+    }
+    mask["a"].flat[:2] = [True, False]  # certainly mixed
+    mask["c"].flat[:2] = [True, False]
+    mask["e"].flat[:2] = [True, False]
+    params = jax.tree.map(lambda m: jnp.zeros(m.shape), mask)
+    state = ct.child_tuning_d(mask).init(params)
+    # Leaf order a, b, c, d, e; b is uniform; a: 15 -> 2 bytes, c: 7 -> 1, d: 0, e: 72 -> 9.
+    want = np.concatenate([np.packbits(mask[k].reshape(-1), bitorder="little") for k in "acde"])
+    assert want.size == 12
+    np.testing.assert_array_equal(np.asarray(state.mask), want)
+    np.testing.assert_array_equal(np.asarray(state.uniform), [True])
+    for name, leaf in mask.items():
+        if name != "b":
+            packed = ct.transforms.pack_mask_bits(leaf)
+            unpacked = jax.jit(ct.transforms.unpack_mask_bits, static_argnums=1)(packed, leaf.shape)
+            np.testing.assert_array_equal(np.asarray(unpacked), leaf)
+    grads = jax.tree.map(lambda m: jnp.full(m.shape, -2.5), mask)
+    out, _ = jax.jit(ct.child_tuning_d(mask).update)(grads, state)
+    for name in mask:
+        np.testing.assert_array_equal(np.asarray(out[name]), np.where(mask[name], -2.5, 0.0))
+
+
+def _entry_arrays(hlo_text):
+    """(dtype, element count, op) of every instruction in the compiled HLO's entry computation."""
+    import re
+
+    entry = hlo_text[hlo_text.index("\nENTRY") :]
+    found = []
+    for match in re.finditer(r"= (\w+)\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(", entry):
+        dims = [int(d) for d in match.group(2).split(",") if d]
+        found.append((match.group(1), math.prod(dims), match.group(3)))
+    return found
+
+
+def test_d_mask_is_unpacked_inside_adamws_loops():
+    # No step-sized mask array of its own: the unpacking fuses into AdamW's elementwise loops,
+    # and without donation the only copies are of the small state buffers (returned unchanged).
+    params = {"layer": {"k": jnp.zeros((64, 128)), "b": jnp.zeros((128,))}, "cls": jnp.zeros(8)}
+    mask = _random_mask(params, seed=1)
+    mask["cls"] = jnp.ones(8, bool)
+    tx = optax.chain(ct.child_tuning_d(mask), optax.adamw(1e-3, weight_decay=0.01))
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
+    packed_size = (64 * 128 + 128) // 8
+    for dtype, size, op in _entry_arrays(hlo):
+        if dtype in ("pred", "u8", "s8"):
+            assert size <= packed_size, (dtype, size, op)
+        if op == "copy":
+            assert size <= packed_size, (dtype, size, op)
 
 
 def test_d_official_order_adam_sees_masked_grads_and_decay_hits_all():

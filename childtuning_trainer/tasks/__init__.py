@@ -1,12 +1,13 @@
 """The task registry: every task the trainer can fine-tune on, by name.
 
 A family of tasks registers each of its tasks with :func:`register`; the trainer only ever calls
-:func:`get_task`. GLUE's nine tasks are registered here.
+:func:`get_task`. GLUE's nine tasks and the NLI tasks (``snli``, ``mnli_m``, ``sick``) are
+registered here.
 """
 
 from __future__ import annotations
 
-from childtuning_trainer.tasks import glue
+from childtuning_trainer.tasks import glue, nli
 from childtuning_trainer.tasks.base import DataError, EvalSet, Examples, Task
 
 _REGISTRY: dict[str, Task] = {}
@@ -37,7 +38,7 @@ def task_names() -> list[str]:
     return list(_REGISTRY)
 
 
-for _task in glue.TASKS.values():
+for _task in (*glue.TASKS.values(), *nli.TASKS.values()):
     register(_task)
 
 __all__ = ["DataError", "EvalSet", "Examples", "Task", "get_task", "register", "task_names"]

@@ -1,0 +1,308 @@
+"""Tables, JSON and plots of a protocol's accumulated results.
+
+``experiments/<name>/protocol.json`` lists the protocol's runs (written when its sweep starts);
+:func:`write_report` reads the finished ones from ``experiments/runs/`` (and the probes from
+``experiments/probes/``) and writes ``report.md``, ``summary.json`` and PNG plots beside it.
+Scores are the dev metric after the last epoch, x 100, as mean ± sample standard deviation over
+seeds, with the per-seed values in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from childtuning_trainer.experiments import store
+from childtuning_trainer.experiments.protocols import Protocol, method_label
+from childtuning_trainer.experiments.store import RunSpec
+
+REPORTS_DIR = "experiments"
+PROBES_DIR = os.path.join("experiments", "probes")
+
+
+def protocol_path(name: str, reports_dir: str = REPORTS_DIR) -> str:
+    return os.path.join(reports_dir, name, "protocol.json")
+
+
+def save_protocol(protocol: Protocol, reports_dir: str = REPORTS_DIR) -> None:
+    """Records which runs (and probes) make up ``protocol``, for :func:`write_report`."""
+    os.makedirs(os.path.join(reports_dir, protocol.name), exist_ok=True)
+    record = {
+        "name": protocol.name,
+        "kind": protocol.kind,
+        "settings": protocol.settings,
+        "runs": [dict(spec.overrides) for spec in protocol.specs],
+        "probes": [[dict(spec.overrides), target] for spec, target in protocol.probes],
+    }
+    with open(protocol_path(protocol.name, reports_dir), "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def load_protocol(name: str, reports_dir: str = REPORTS_DIR) -> Protocol:
+    path = protocol_path(name, reports_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No protocol {name!r}: {path} does not exist (run sweep.py first)."
+        )
+    with open(path) as f:
+        record = json.load(f)
+    specs = tuple(RunSpec.of(**o) for o in record["runs"])
+    probes = tuple((RunSpec.of(**o), target) for o, target in record["probes"])
+    return Protocol(record["name"], record["kind"], specs, probes, record["settings"])
+
+
+def score(record: dict) -> tuple[str, float]:
+    """The run's main metric (the task's first) after the last epoch, x 100."""
+    metric = record["best"]["metric"]
+    return metric, 100.0 * record["eval"][metric]
+
+
+def setting_of(overrides: dict) -> str:
+    """The swept hyperparameters of a run other than seed, task and method, as text."""
+    parts = []
+    if "learning_rate" in overrides:
+        parts.append(f"lr {overrides['learning_rate']:g}")
+    if overrides.get("reserve_p") is not None:
+        parts.append(f"p {overrides['reserve_p']:g}")
+    return ", ".join(parts) or "config defaults"
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
+
+
+def cell(stats: dict | None) -> str:
+    if stats is None:
+        return "–"
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f} ({stats['n']})"
+
+
+def summarize(records: list[dict]) -> dict:
+    """``{setting: {task: {method: stats + per-seed values}}}`` over seeds."""
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for r in records:
+        o = r["overrides"]
+        _, value = score(r)
+        groups[setting_of(o)][o["task"]][method_label(o)][o.get("seed", 42)] = value
+    out: dict = {}
+    for setting, tasks in groups.items():
+        for task, methods in tasks.items():
+            for method, seeds in methods.items():
+                stats = {**mean_std(list(seeds.values())), "seeds": seeds}
+                out.setdefault(setting, {}).setdefault(task, {})[method] = stats
+    return out
+
+
+def best_settings(summary: dict) -> dict:
+    """``{task: {method: (setting, stats)}}``: each method's setting with the highest mean."""
+    best: dict = {}
+    for setting, tasks in summary.items():
+        for task, methods in tasks.items():
+            for method, stats in methods.items():
+                current = best.setdefault(task, {}).get(method)
+                if current is None or stats["mean"] > current[1]["mean"]:
+                    best[task][method] = (setting, stats)
+    return best
+
+
+def _methods(tables: dict) -> list[str]:
+    order = ["vanilla", "F", "D", "D pruned", "D random", "D lowest-Fisher"]
+    found = {m for methods in tables.values() for m in methods}
+    return [m for m in order if m in found] + sorted(found - set(order))
+
+
+def markdown_table(tasks: dict, metric_names: dict[str, str]) -> list[str]:
+    """Rows: tasks (and their average); columns: methods."""
+    methods = _methods(tasks)
+    lines = ["| task (metric) | " + " | ".join(methods) + " |"]
+    lines.append("| --- |" + " ---: |" * len(methods))
+    for task in sorted(tasks):
+        row = [cell(tasks[task].get(m)) for m in methods]
+        lines.append(f"| {task} ({metric_names.get(task, '?')}) | " + " | ".join(row) + " |")
+    if len(tasks) > 1:
+        avg = []
+        for m in methods:
+            means = [tasks[t][m]["mean"] for t in tasks if m in tasks[t]]
+            avg.append(f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–")
+        lines.append("| average | " + " | ".join(avg) + " |")
+    return lines
+
+
+def bar_plot(tasks: dict, title: str, path: str) -> None:
+    """Bars with error bars (± std over seeds): one group per task, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = _methods(tasks)
+    names = sorted(tasks)
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names) * max(1, len(methods) / 3), 3.6))
+    for i, m in enumerate(methods):
+        means = [tasks[t].get(m, {}).get("mean", np.nan) for t in names]
+        stds = [tasks[t].get(m, {}).get("std", 0.0) for t in names]
+        xs = np.arange(len(names)) + (i - (len(methods) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("dev score x 100 (mean ± std)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(methods), 3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heat_map(rows: list[str], cols: list[str], values: np.ndarray, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(cols), 1.2 + 0.5 * len(rows)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _header(protocol: Protocol, records: list[dict]) -> list[str]:
+    seeds = sorted({r["overrides"].get("seed", 42) for r in records})
+    lines = [f"# {protocol.name} ({protocol.kind})", ""]
+    lines.append(f"{len(records)} of {len(protocol.specs)} runs finished; seeds {seeds}.")
+    if records:
+        lines.append(f"A run's command, e.g.: `{records[0]['command']}`")
+    settings = {k: v for k, v in protocol.settings.items()}
+    if settings:
+        lines.append(f"Protocol settings: `{json.dumps(settings)}`.")
+    return lines + [""]
+
+
+def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tuple[list, dict]:
+    summary = summarize(records)
+    metric_names = {r["overrides"]["task"]: score(r)[0] for r in records}
+    lines = []
+    for i, (setting, tasks) in enumerate(sorted(summary.items())):
+        lines += [f"## Shared setting: {setting}", ""]
+        lines += markdown_table(tasks, metric_names) + [""]
+        png = f"bars_{i}.png"
+        bar_plot(tasks, f"{protocol.name}: {setting}", os.path.join(out_dir, png))
+        lines += [f"![{setting}]({png})", ""]
+    best = best_settings(summary)
+    if len(summary) > 1:
+        lines += ["## Each method at its own best setting (chosen on dev, as the paper did)", ""]
+        tasks = {t: {m: stats for m, (_, stats) in ms.items()} for t, ms in best.items()}
+        lines += markdown_table(tasks, metric_names) + [""]
+        for task, methods in sorted(best.items()):
+            chosen = "; ".join(f"{m}: {s}" for m, (s, _) in sorted(methods.items()))
+            lines.append(f"- {task}: {chosen}")
+        lines.append("")
+    return lines, {"summary": summary}
+
+
+def _domain_report(protocol: Protocol, records: list[dict], out_dir: str) -> tuple[list, dict]:
+    table: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        o = r["overrides"]
+        row = f"{o['task']} {method_label(o)}"
+        table[row][f"{o['task']} (in-domain)"].append(100 * r["eval"]["accuracy"])
+        for name, res in r.get("extra_eval", {}).items():
+            table[row][name].append(100 * res["accuracy"])
+    rows = sorted(table)
+    cols = sorted(
+        {c for row in table.values() for c in row}, key=lambda c: ("in-domain" not in c, c)
+    )
+    lines = ["| source, method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    values = np.full((len(rows), len(cols)), np.nan)
+    summary: dict = {}
+    for i, row in enumerate(rows):
+        cells = []
+        for j, col in enumerate(cols):
+            vals = table[row].get(col)
+            stats = mean_std(vals) if vals else None
+            if stats:
+                values[i, j] = stats["mean"]
+                summary.setdefault(row, {})[col] = {**stats, "values": vals}
+            cells.append(cell(stats))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if rows:
+        heat_map(
+            rows,
+            cols,
+            values,
+            f"{protocol.name}: accuracy x 100",
+            os.path.join(out_dir, "heat_map.png"),
+        )
+        lines += ["", "![accuracy heat map](heat_map.png)"]
+    return lines + [""], {"summary": summary}
+
+
+def _taskgen_report(protocol: Protocol, records: list[dict], out_dir: str) -> tuple[list, dict]:
+    groups: dict = defaultdict(lambda: defaultdict(dict))
+    metric_names = {}
+    for spec, target in protocol.probes:
+        path = probe_path(spec, target)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            probe = json.load(f)
+        o = dict(spec.overrides)
+        metric_names[target] = probe["metric"]
+        groups[target][method_label(o)][o.get("seed", 42)] = 100 * probe["eval"][probe["metric"]]
+    tasks = {
+        t: {m: {**mean_std(list(s.values())), "seeds": s} for m, s in ms.items()}
+        for t, ms in groups.items()
+    }
+    lines = ["## Source-task runs", ""]
+    lines += _table_report(protocol, records, out_dir)[0]
+    lines += ["## Linear probes on the frozen encoder, by source method", ""]
+    if tasks:
+        lines += markdown_table(tasks, metric_names) + [""]
+        bar_plot(tasks, f"{protocol.name}: linear probes", os.path.join(out_dir, "probes.png"))
+        lines += ["![linear probes](probes.png)", ""]
+    return lines, {"summary": tasks}
+
+
+def probe_path(source: RunSpec, target: str, probes_dir: str = PROBES_DIR) -> str:
+    return os.path.join(probes_dir, f"{source.run_id}--{target}.json")
+
+
+def write_report(name: str, reports_dir: str = REPORTS_DIR) -> str:
+    """Writes ``report.md``, ``summary.json`` and plots of protocol ``name``; returns the report."""
+    protocol = load_protocol(name, reports_dir)
+    out_dir = os.path.join(reports_dir, name)
+    records = store.load_results(protocol.specs)
+    build = {"domain": _domain_report, "taskgen": _taskgen_report}.get(protocol.kind, _table_report)
+    body, summary = build(protocol, records, out_dir) if records else ([], {})
+    lines = _header(protocol, records) + body
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    per_run = [
+        {
+            "run_id": r["run_id"],
+            "overrides": r["overrides"],
+            "eval": r["eval"],
+            "extra_eval": r.get("extra_eval"),
+            "wall_time_s": r["wall_time_s"],
+        }
+        for r in records
+    ]
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({**summary, "runs": per_run}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return path

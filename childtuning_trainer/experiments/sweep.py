@@ -1,0 +1,147 @@
+"""Runs a list of training runs one after another, resumably.
+
+Each run is ``train.py`` in its own process with ``--config.resume=true`` in its own work folder,
+so an interrupted sweep continues where it stopped: finished runs (those with a result file) are
+skipped, an unfinished one resumes from its newest checkpoint. The processes share JAX's
+persistent compilation cache, so a program compiled for one run (same shapes, same settings) is
+loaded, not compiled again, by the next.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from childtuning_trainer.experiments import store
+from childtuning_trainer.experiments.store import RunSpec
+
+CACHE_DIR = ".jax_cache"
+
+
+def flag_value(value: Any) -> str:
+    """A config value as ``--config.KEY=`` text that ml_collections parses back to it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def train_command(
+    spec: RunSpec,
+    config_file: str,
+    output_dir: str,
+    settings: dict[str, Any],
+    train_script: str = "train.py",
+) -> list[str]:
+    """``spec``'s ``train.py`` command; ``settings`` (e.g. ``data_dir``) do not name the run."""
+    flags = {**dict(spec.overrides), **settings, "output_dir": output_dir, "resume": True}
+    return [
+        sys.executable,
+        train_script,
+        f"--config={config_file}",
+        *(f"--config.{key}={flag_value(value)}" for key, value in flags.items()),
+    ]
+
+
+def compilation_cache_env(cache_dir: str = CACHE_DIR) -> dict[str, str]:
+    """Environment for a JAX process that reads and writes the persistent compilation cache."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": os.path.abspath(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def run_one(
+    spec: RunSpec,
+    *,
+    config_file: str = "configs/glue.py",
+    settings: dict[str, Any] | None = None,
+    results_dir: str = store.RESULTS_DIR,
+    work_dir: str = store.WORK_DIR,
+    cache_dir: str | None = CACHE_DIR,
+    keep_checkpoints: bool = False,
+    train_script: str = "train.py",
+) -> dict:
+    """Trains ``spec`` (or resumes it) unless it has finished; returns its result record.
+
+    The record is the run's ``results.json`` with the run id, overrides, command and wall time.
+    Once it is saved the run's checkpoints are deleted (unless ``keep_checkpoints``); its
+    ``params.msgpack``, logs and ``results.json`` stay in its work folder.
+
+    Raises:
+      RuntimeError: the run failed (its last error line and the log file are named).
+    """
+    done = store.load_result(spec, results_dir)
+    if done is not None:
+        return done
+    output_dir = os.path.join(work_dir, spec.run_id)
+    os.makedirs(output_dir, exist_ok=True)
+    command = train_command(spec, config_file, output_dir, settings or {}, train_script)
+    env = {**os.environ, **(compilation_cache_env(cache_dir) if cache_dir else {})}
+    log_path = os.path.join(output_dir, "log.txt")
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
+        raise RuntimeError(
+            f"run {spec.run_id} failed ({errors[-1] if errors else '?'}); see {log_path}"
+        )
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    record = {
+        **results,
+        "run_id": spec.run_id,
+        "overrides": dict(spec.overrides),
+        "command": shlex.join(["python", *command[1:]]),
+        "wall_time_s": wall,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    store.save_result(spec, record, results_dir)
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
+    return record
+
+
+def run_all(
+    specs: Sequence[RunSpec],
+    *,
+    on_result: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> tuple[list[dict], list[str]]:
+    """Runs every spec in order (finished ones are skipped); a failed run is reported and the sweep
+    goes on. ``on_result`` is called after each newly finished run (e.g. to refresh the report).
+
+    Returns the records of the finished runs and the error lines of the failed ones.
+    """
+    records, failures = [], []
+    for i, spec in enumerate(specs, 1):
+        finished = store.load_result(spec, kwargs.get("results_dir", store.RESULTS_DIR))
+        if finished is not None:
+            records.append(finished)
+            continue
+        print(f"[{i}/{len(specs)}] {spec.run_id}", flush=True)
+        try:
+            record = run_one(spec, **kwargs)
+        except RuntimeError as e:
+            print(f"  failed: {e}", flush=True)
+            failures.append(str(e))
+            continue
+        records.append(record)
+        print(f"  done in {record['wall_time_s']:.0f}s: {record['eval']}", flush=True)
+        if on_result is not None:
+            on_result()
+    return records, failures

@@ -1,0 +1,174 @@
+"""Runs one of the paper's experiment protocols, resumably, and writes its report.
+
+  python sweep.py --protocol=fewshot --tasks=rte,mrpc --modes=vanilla,F,D --seeds=42,52,57 \
+      --learning_rates=1e-4
+
+Protocols (childtuning_trainer.experiments.protocols): seeds | fewshot | pruning | domain |
+taskgen. Every run is ``train.py`` with the protocol's overrides in ``runs/sweep/<run_id>``; its
+result is kept in ``experiments/runs/<run_id>.json``, and finished runs are skipped, so the same
+command continues an interrupted sweep. The report (Markdown, JSON, plots) goes to
+``experiments/<name>/`` after every finished run; ``report.py`` rebuilds it.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from childtuning_trainer.experiments import protocols, report, sweep
+
+PROTOCOLS = ("seeds", "fewshot", "pruning", "domain", "taskgen")
+GLUE_DIR, NLI_DIR = os.path.join("..", "shared", "glue"), os.path.join("..", "shared", "nli")
+
+_PROTOCOL = flags.DEFINE_enum("protocol", None, PROTOCOLS, "The experiment to run.")
+_NAME = flags.DEFINE_string("name", None, "Report folder under experiments/ (default: protocol).")
+_TASKS = flags.DEFINE_list(
+    "tasks",
+    None,
+    "Tasks (seeds, fewshot: cola,rte,mrpc,stsb; pruning: rte,mrpc; domain: the source NLI "
+    "tasks, snli; taskgen: the source task, mrpc).",
+)
+_TARGETS = flags.DEFINE_list("targets", ["rte", "stsb", "cola"], "taskgen: the target tasks.")
+_MODES = flags.DEFINE_list("modes", ["vanilla", "F", "D"], "Modes (not used by pruning).")
+_SEEDS = flags.DEFINE_list("seeds", ["42", "52", "57"], "Seeds (official: 42,52,57,63,78,...).")
+_LRS = flags.DEFINE_list("learning_rates", [], "Learning rates (default: the config's).")
+_PS = flags.DEFINE_list("reserve_ps", [], "reserve_p values (default: the authors' per task).")
+_REGS = flags.DEFINE_list(
+    "regularizers", ["none"], "Regularisers (childtuning_trainer.regularizers)."
+)
+_SAMPLES = flags.DEFINE_integer(
+    "train_samples",
+    None,
+    "Training examples per run, drawn per seed (fewshot, pruning, taskgen: 1000; domain: 5000; "
+    "seeds: 0 = all).",
+)
+_TARGET_SAMPLES = flags.DEFINE_integer(
+    "target_samples", 0, "taskgen: training examples of each target task (0: all)."
+)
+_EVAL_SETS = flags.DEFINE_list(
+    "eval_sets",
+    [
+        f"snli={NLI_DIR}/snli/dev.jsonl",
+        f"mnli_m={NLI_DIR}/mnli/dev_matched.jsonl",
+        f"sick={NLI_DIR}/sick/SICK.txt",
+    ],
+    "domain: NAME=FILE evaluation sets; the one named like the source task is left out.",
+)
+_SET = flags.DEFINE_list("set", [], "KEY=VALUE config overrides for every run (they name it).")
+_CONFIG = flags.DEFINE_string("config", "configs/glue.py", "The base configuration file.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "GLUE folder (default ../shared/glue when present, else the hub)."
+)
+_NLI_DIR = flags.DEFINE_string(
+    "nli_dir", None, "NLI folder for domain (default ../shared/nli when present, else the hub)."
+)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
+
+
+def parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def build_protocol() -> protocols.Protocol:
+    seeds = [int(s) for s in _SEEDS.value]
+    axes = {
+        "learning_rates": [float(x) for x in _LRS.value] or [None],
+        "reserve_ps": [float(x) for x in _PS.value] or [None],
+        "regularizers": _REGS.value,
+    }
+    extra = dict(item.split("=", 1) for item in _SET.value)
+    extra = {k: parse_value(v) for k, v in extra.items()}
+    name = _NAME.value or _PROTOCOL.value
+    samples = {} if _SAMPLES.value is None else {"train_samples": _SAMPLES.value}
+    kind = _PROTOCOL.value
+    if kind == "seeds":
+        tasks = _TASKS.value or ["cola", "rte", "mrpc", "stsb"]
+        return protocols.seed_sweep(
+            tasks, _MODES.value, seeds, name=name, **samples, **axes, **extra
+        )
+    if kind == "fewshot":
+        tasks = _TASKS.value or ["cola", "rte", "mrpc", "stsb"]
+        return protocols.few_shot(tasks, _MODES.value, seeds, name=name, **samples, **axes, **extra)
+    if kind == "pruning":
+        tasks = _TASKS.value or ["rte", "mrpc"]
+        lrs = axes["learning_rates"]
+        return protocols.pruning(tasks, seeds, name=name, learning_rates=lrs, **samples)
+    if kind == "domain":
+        eval_sets = dict(item.split("=", 1) for item in _EVAL_SETS.value)
+        return protocols.domain(
+            _TASKS.value or ["snli"],
+            _MODES.value,
+            seeds,
+            eval_sets,
+            name=name,
+            **samples,
+            **axes,
+            **extra,
+        )
+    source = (_TASKS.value or ["mrpc"])[0]
+    return protocols.task_generalisation(
+        source,
+        _TARGETS.value,
+        _MODES.value,
+        seeds,
+        name=name,
+        target_samples=_TARGET_SAMPLES.value,
+        **samples,
+        **axes,
+        **extra,
+    )
+
+
+def default_dir(flag_value: str | None, local: str) -> str:
+    if flag_value is not None:
+        return flag_value
+    if os.path.isdir(local):
+        return local
+    print(f"{local} not found: loading the data from the hub")
+    return ""
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        protocol = build_protocol()
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    nli = protocol.kind == "domain"
+    data_dir = (
+        default_dir(_NLI_DIR.value, NLI_DIR) if nli else default_dir(_DATA_DIR.value, GLUE_DIR)
+    )
+    print(f"{protocol.name}: {len(protocol.specs)} runs, {len(protocol.probes)} probes")
+    if _DRY_RUN.value:
+        for spec in protocol.specs:
+            print(" ", spec.run_id)
+        return
+    report.save_protocol(protocol)
+    refresh = lambda: report.write_report(protocol.name)
+    kwargs = {"config_file": _CONFIG.value, "settings": {"data_dir": data_dir}}
+    # Domain runs keep their final checkpoint: `train.py <command> --config.extra_eval=...` then
+    # scores further evaluation sets without training again.
+    if protocol.kind == "domain":
+        kwargs.update(keep_checkpoints=True, settings={"data_dir": data_dir, "keep_checkpoints": 1})
+    _, failures = sweep.run_all(protocol.specs, on_result=refresh, **kwargs)
+    if protocol.probes:
+        from childtuning_trainer.experiments import probe
+
+        failures += probe.run_probes(protocol, data_dir=data_dir, on_result=refresh)
+    path = report.write_report(protocol.name)
+    print(f"report: {path}")
+    if failures:
+        print(f"error: {len(failures)} run(s) failed", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("protocol")
+    app.run(main)

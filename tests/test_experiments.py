@@ -1,0 +1,306 @@
+"""The experiment protocols: run naming, the resumable sweep, the report, the mask-rule ablations,
+pruning, the saved model and the linear probe of task generalisation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import GLUE_DIR, REPO, _tiny_bert
+
+from childtuning_jax import fisher_mask, leaf_names
+from childtuning_trainer import recipe, saved_model
+from childtuning_trainer.experiments import probe, protocols, report, store, sweep
+from childtuning_trainer.experiments.store import RunSpec
+
+needs_glue = pytest.mark.skipif(
+    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run names and protocols
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_id_depends_on_every_override_and_not_on_their_order():
+    a = RunSpec.of(task="rte", mode="D", seed=42, learning_rate=1e-4, max_train_samples=1000)
+    b = RunSpec.of(max_train_samples=1000, learning_rate=1e-4, seed=42, mode="D", task="rte")
+    assert a == b and a.run_id == b.run_id
+    assert a.run_id.startswith("rte-D-n1000-lr0.0001-s42-")
+    c = RunSpec.of(task="rte", mode="D", seed=42, learning_rate=1e-4, max_train_samples=1000, x=1)
+    assert c.run_id != a.run_id
+
+
+def test_grid_covers_every_combination_once_and_vanilla_ignores_reserve_p():
+    specs = protocols.grid(
+        ["rte", "mrpc"], ["vanilla", "F", "D"], [42, 52], reserve_ps=[0.1, 0.3], train_samples=10
+    )
+    # per task and seed: 1 vanilla + 2 F + 2 D
+    assert len(specs) == 2 * 2 * 5 == len({s.run_id for s in specs})
+    vanilla = [dict(s.overrides) for s in specs if s.get("mode") == "vanilla"]
+    assert all("reserve_p" not in o for o in vanilla)
+    # seed-major: the first seed's runs cover every task and method before the second seed's
+    assert {s.get("seed") for s in specs[:10]} == {42}
+
+
+def test_protocols_share_runs():
+    fewshot = protocols.few_shot(["mrpc"], ["vanilla", "F", "D"], [42], learning_rates=[1e-4])
+    taskgen = protocols.task_generalisation(
+        "mrpc", ["rte", "cola"], ["vanilla", "F", "D"], [42], learning_rates=[1e-4]
+    )
+    assert set(taskgen.specs) == set(fewshot.specs)
+    assert len(taskgen.probes) == 6
+    pruning = protocols.pruning(["mrpc"], [42], learning_rates=[1e-4])
+    d_run = [s for s in fewshot.specs if s.get("mode") == "D"][0]
+    assert d_run in pruning.specs
+    labels = [protocols.method_label(dict(s.overrides)) for s in pruning.specs]
+    assert labels == ["vanilla", "D", "D pruned", "D random", "D lowest-Fisher"]
+
+
+def test_domain_leaves_out_the_source_set():
+    sets = {"snli": "/a/snli.jsonl", "mnli_m": "/b/mnli.jsonl", "sick": "/c/SICK.txt"}
+    protocol = protocols.domain(["snli"], ["D"], [42], sets, train_samples=100)
+    (spec,) = protocol.specs
+    assert spec.get("extra_eval") == "mnli_m=/b/mnli.jsonl,sick=/c/SICK.txt"
+    assert spec.get("max_train_samples") == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def _record(task, mode, seed, value, metric="accuracy", **extra):
+    overrides = {"task": task, "mode": mode, "seed": seed, "learning_rate": 1e-4, **extra}
+    spec = RunSpec.of(**overrides)
+    return spec, {
+        "run_id": spec.run_id,
+        "overrides": dict(spec.overrides),
+        "eval": {metric: value},
+        "best": {"metric": metric},
+        "command": "python train.py ...",
+        "wall_time_s": 1.0,
+    }
+
+
+def test_report_tables_mean_and_sample_std_over_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    values = {"vanilla": [0.60, 0.62, 0.64], "D": [0.70, 0.70, 0.73]}
+    specs = []
+    for mode, vals in values.items():
+        for seed, v in zip((42, 52, 57), vals, strict=True):
+            spec, record = _record("rte", mode, seed, v)
+            store.save_result(spec, record)
+            specs.append(spec)
+    missing, _ = _record("rte", "F", 42, 0.0)  # listed by the protocol, not finished
+    protocol = protocols.Protocol("demo", "table", (*specs, missing))
+    report.save_protocol(protocol)
+    path = report.write_report("demo")
+    text = open(path).read()
+    assert "6 of 7 runs finished" in text
+    assert "62.0 ± 2.0 (3)" in text  # vanilla: mean 62, sample std 2
+    d = np.array([70.0, 70.0, 73.0])
+    assert f"{d.mean():.1f} ± {d.std(ddof=1):.1f} (3)" in text
+    summary = json.load(open(tmp_path / "experiments" / "demo" / "summary.json"))
+    seeds = summary["summary"]["lr 0.0001"]["rte"]["D"]["seeds"]
+    assert seeds == {"42": 70.0, "52": 70.0, "57": 73.0}
+    assert (tmp_path / "experiments" / "demo" / "bars_0.png").stat().st_size > 1000
+
+
+def test_best_setting_per_method_is_chosen_by_mean():
+    summary = {
+        "lr 0.0001": {"rte": {"D": {"mean": 60.0}, "vanilla": {"mean": 65.0}}},
+        "lr 0.0002": {"rte": {"D": {"mean": 66.0}, "vanilla": {"mean": 50.0}}},
+    }
+    best = report.best_settings(summary)
+    assert best["rte"]["D"][0] == "lr 0.0002"
+    assert best["rte"]["vanilla"][0] == "lr 0.0001"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask rules and pruning
+# ---------------------------------------------------------------------------------------------
+
+
+def _tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "encoder": {"layer": {"0": {"kernel": rng.random((8, 6)), "bias": rng.random(6)}}},
+        "classifier": {"kernel": rng.random((6, 2))},
+    }
+
+
+def test_random_and_lowest_fisher_masks_keep_as_many_as_the_fisher_mask():
+    fisher = jax.tree.map(jnp.asarray, _tree(0))
+    params = jax.tree.map(jnp.asarray, _tree(1))
+    for p in (0.1, 0.3, 0.5):
+        top = fisher_mask(fisher, p)
+        low = recipe.lowest_fisher_mask(fisher, p)
+        rand = fisher_mask(recipe.random_scores(params, seed=3), p)
+        count = lambda m: int(
+            sum(np.sum(m["encoder"]["layer"]["0"][k]) for k in ("kernel", "bias"))
+        )
+        n = np.random.default_rng(9).random(54)  # any 54 distinct values: the official rule
+        assert (
+            count(low) == count(top) == count(rand) == np.sum(n >= np.percentile(n, 100 * (1 - p)))
+        )
+        for m in (top, low, rand):
+            assert np.all(m["classifier"]["kernel"])  # outside the layers: always trained
+        # distinct values: the lowest p and the highest p never meet below a half
+        values = np.concatenate(
+            [np.ravel(fisher["encoder"]["layer"]["0"][k]) for k in ("kernel", "bias")]
+        )
+        kept_low = np.concatenate(
+            [np.ravel(low["encoder"]["layer"]["0"][k]) for k in ("kernel", "bias")]
+        )
+        assert values[kept_low].max() <= np.sort(values)[count(low) - 1]
+        kept_top = np.concatenate(
+            [np.ravel(top["encoder"]["layer"]["0"][k]) for k in ("kernel", "bias")]
+        )
+        assert not np.any(kept_low & kept_top)
+    # a different seed draws a different random child network of the same size
+    a = fisher_mask(recipe.random_scores(params, seed=3), 0.3)
+    b = fisher_mask(recipe.random_scores(params, seed=4), 0.3)
+    assert not np.array_equal(
+        a["encoder"]["layer"]["0"]["kernel"], b["encoder"]["layer"]["0"]["kernel"]
+    )
+
+
+def test_prune_zeroes_exactly_the_parameters_outside_the_child_network():
+    params = jax.tree.map(jnp.asarray, _tree(1))
+    mask = fisher_mask(jax.tree.map(jnp.asarray, _tree(0)), 0.3)
+    pruned = recipe.prune(params, mask)
+    for name, p, m, q in zip(
+        leaf_names(params),
+        jax.tree.leaves(params),
+        jax.tree.leaves(mask),
+        jax.tree.leaves(pruned),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(q), np.where(m, p, 0), err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep, the saved model and the probe, end to end on a tiny BERT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_run_is_reported_with_its_error_line(tmp_path):
+    spec = RunSpec.of(task="no_such_task", mode="D")
+    with pytest.raises(RuntimeError, match="Unknown task 'no_such_task'"):
+        sweep.run_one(
+            spec,
+            config_file=os.path.join(REPO, "configs", "glue.py"),
+            train_script=os.path.join(REPO, "train.py"),
+            results_dir=str(tmp_path / "results"),
+            work_dir=str(tmp_path / "work"),
+            cache_dir=None,
+        )
+    assert store.load_result(spec, str(tmp_path / "results")) is None
+
+
+@needs_glue
+def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
+    model = _tiny_bert(tmp_path / "tiny", 2, headless=True)
+    spec = RunSpec.of(
+        task="mrpc",
+        mode="D",
+        seed=3,
+        model=model,
+        max_train_samples=24,
+        max_eval_samples=16,
+        max_seq_length=32,
+        num_train_epochs=1,
+        per_device_batch_size=4,
+        num_devices=1,
+        **protocols.SWEEP_SETTINGS,
+    )
+    kwargs = dict(
+        config_file=os.path.join(REPO, "configs", "glue.py"),
+        train_script=os.path.join(REPO, "train.py"),
+        settings={"data_dir": GLUE_DIR},
+        results_dir=str(tmp_path / "results"),
+        work_dir=str(tmp_path / "work"),
+    )
+    records, failures = sweep.run_all([spec], **kwargs)
+    assert failures == [] and len(records) == 1
+    record = records[0]
+    assert record["run_id"] == spec.run_id and record["task"] == "mrpc"
+    assert record["command"].startswith("python ") and "--config.mode=D" in record["command"]
+    work = tmp_path / "work" / spec.run_id
+    assert not (work / "checkpoints").exists()  # deleted once the result is safe
+    # A second sweep skips the finished run: no second command in its log.
+    again, _ = sweep.run_all([spec], **kwargs)
+    assert again == [record]
+    assert open(work / "log.txt").read().count("$ ") == 1
+
+    # The saved model is the trained one: it reproduces the run's dev metrics.
+    import transformers
+
+    from childtuning_trainer import input_pipeline, tasks
+    from childtuning_trainer.tasks import metrics as task_metrics
+
+    module = probe.load_source(record, str(work))
+    task = tasks.get_task("mrpc")
+    train, dev = task.load_splits(GLUE_DIR)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    data = input_pipeline.tokenize_all(train, [dev[0].select(np.arange(16))], task, tokenizer, 32)
+    batch = data.dev[0]
+    logits = module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    preds = task_metrics.predictions(task, np.asarray(logits))
+    scores = task_metrics.compute_metrics(task, preds, batch["labels"])
+    assert scores == pytest.approx(record["eval"])
+
+    # Its pooled features are the model's own: its classifier on them gives its logits.
+    padding = input_pipeline.Padding(input_pipeline.bucket_lengths(32, 32))
+    features = probe.pooled_features(module, batch, padding)
+    np.testing.assert_allclose(module.classifier(jnp.asarray(features)), logits, atol=1e-5)
+
+    # The probe: a new head for another task on the frozen encoder.
+    result = probe.probe(record, str(work), "rte", GLUE_DIR, target_samples=20)
+    assert result["target"] == "rte" and result["num_train_examples"] == 20
+    assert result["num_dev_examples"] == 277 and 0.0 <= result["eval"]["accuracy"] <= 1.0
+
+
+def test_saved_model_round_trip_and_mismatch(tmp_path):
+    from flax import nnx
+
+    from childtuning_jax.models import from_config
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    _, params, _ = nnx.split(from_config(config, num_labels=2, seed=0), nnx.Param, ...)
+    _, other, _ = nnx.split(from_config(config, num_labels=2, seed=1), nnx.Param, ...)
+    saved_model.save_params(str(tmp_path), params)
+    loaded = saved_model.load_params(str(tmp_path), other)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, three, _ = nnx.split(from_config(config, num_labels=3, seed=0), nnx.Param, ...)
+    with pytest.raises(ValueError, match="does not hold parameters of this model"):
+        saved_model.load_params(str(tmp_path), three)
+    with pytest.raises(FileNotFoundError):
+        saved_model.load_params(str(tmp_path / "nowhere"), params)
+
+
+def test_linear_head_learns_separable_features():
+    from childtuning_trainer import tasks
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32)
+    task = tasks.get_task("rte")
+    head = probe.train_head(
+        x, y, task, seed=0, dropout_rate=0.0, learning_rate=1e-2, num_train_epochs=20
+    )
+    accuracy = np.mean(np.argmax(x @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), 1) == y)
+    assert accuracy > 0.95
