@@ -81,6 +81,8 @@ def mean_std(values: list[float]) -> dict[str, Any]:
 def cell(stats: dict | None) -> str:
     if stats is None:
         return "–"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.1f} (1)"
     return f"{stats['mean']:.1f} ± {stats['std']:.1f} ({stats['n']})"
 
 
@@ -118,20 +120,26 @@ def _methods(tables: dict) -> list[str]:
     return [m for m in order if m in found] + sorted(found - set(order))
 
 
-def markdown_table(tasks: dict, metric_names: dict[str, str]) -> list[str]:
-    """Rows: tasks (and their average); columns: methods."""
+def markdown_table(
+    tasks: dict, metric_names: dict[str, str], baselines: dict[str, float] | None = None
+) -> list[str]:
+    """Rows: tasks (and their average); columns: methods, then the trivial predictor's score
+    (majority class or a constant) when ``baselines`` are given."""
     methods = _methods(tasks)
-    lines = ["| task (metric) | " + " | ".join(methods) + " |"]
-    lines.append("| --- |" + " ---: |" * len(methods))
+    extra = ["trivial"] if baselines else []
+    lines = ["| task (metric) | " + " | ".join(methods + extra) + " |"]
+    lines.append("| --- |" + " ---: |" * (len(methods) + len(extra)))
     for task in sorted(tasks):
         row = [cell(tasks[task].get(m)) for m in methods]
+        if baselines:
+            row.append(f"{baselines[task]:.1f}" if task in baselines else "–")
         lines.append(f"| {task} ({metric_names.get(task, '?')}) | " + " | ".join(row) + " |")
     if len(tasks) > 1:
         avg = []
         for m in methods:
             means = [tasks[t][m]["mean"] for t in tasks if m in tasks[t]]
             avg.append(f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–")
-        lines.append("| average | " + " | ".join(avg) + " |")
+        lines.append("| average | " + " | ".join(avg + [""] * len(extra)) + " |")
     return lines
 
 
@@ -195,10 +203,15 @@ def _header(protocol: Protocol, records: list[dict]) -> list[str]:
 def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tuple[list, dict]:
     summary = summarize(records)
     metric_names = {r["overrides"]["task"]: score(r)[0] for r in records}
+    baselines = {
+        r["overrides"]["task"]: 100 * r["baseline"]["eval"][score(r)[0]]
+        for r in records
+        if "baseline" in r
+    }
     lines = []
     for i, (setting, tasks) in enumerate(sorted(summary.items())):
         lines += [f"## Shared setting: {setting}", ""]
-        lines += markdown_table(tasks, metric_names) + [""]
+        lines += markdown_table(tasks, metric_names, baselines) + [""]
         png = f"bars_{i}.png"
         bar_plot(tasks, f"{protocol.name}: {setting}", os.path.join(out_dir, png))
         lines += [f"![{setting}]({png})", ""]
