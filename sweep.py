@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags
 
+from childtuning_trainer import recipe, regularizers, tasks
 from childtuning_trainer.experiments import protocols, report, sweep
 
 PROTOCOLS = ("seeds", "fewshot", "pruning", "domain", "taskgen")
@@ -65,6 +66,17 @@ _NLI_DIR = flags.DEFINE_string(
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
 
 
+def key_values(items: list[str], flag: str) -> dict[str, str]:
+    """``["a=1", "b=x"]`` as a dict; an item without ``=`` is an error naming the flag."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--{flag}: {item!r} is not KEY=VALUE.")
+        pairs[key] = value
+    return pairs
+
+
 def parse_value(text: str):
     for cast in (int, float):
         try:
@@ -74,15 +86,26 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def check_names() -> None:
+    """Unknown tasks, modes or regularisers stop the sweep before any run starts."""
+    for name in [*(_TASKS.value or []), *_TARGETS.value]:
+        tasks.get_task(name)
+    for mode in _MODES.value:
+        recipe.check_mode(mode)
+    for name in _REGS.value:
+        if name not in regularizers.NAMES:
+            raise ValueError(f"Unknown regularizer {name!r}; expected one of {regularizers.NAMES}.")
+
+
 def build_protocol() -> protocols.Protocol:
+    check_names()
     seeds = [int(s) for s in _SEEDS.value]
     axes = {
         "learning_rates": [float(x) for x in _LRS.value] or [None],
         "reserve_ps": [float(x) for x in _PS.value] or [None],
         "regularizers": _REGS.value,
     }
-    extra = dict(item.split("=", 1) for item in _SET.value)
-    extra = {k: parse_value(v) for k, v in extra.items()}
+    extra = {k: parse_value(v) for k, v in key_values(_SET.value, "set").items()}
     name = _NAME.value or _PROTOCOL.value
     samples = {} if _SAMPLES.value is None else {"train_samples": _SAMPLES.value}
     kind = _PROTOCOL.value
@@ -99,7 +122,7 @@ def build_protocol() -> protocols.Protocol:
         lrs = axes["learning_rates"]
         return protocols.pruning(tasks, seeds, name=name, learning_rates=lrs, **samples)
     if kind == "domain":
-        eval_sets = dict(item.split("=", 1) for item in _EVAL_SETS.value)
+        eval_sets = key_values(_EVAL_SETS.value, "eval_sets")
         return protocols.domain(
             _TASKS.value or ["snli"],
             _MODES.value,
