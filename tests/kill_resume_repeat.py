@@ -29,6 +29,7 @@ from kill_trials import (  # noqa: E402
     outcome,
     resume_launched,
     same_outcome,
+    wait_for_training,
 )
 
 
@@ -50,6 +51,19 @@ def train(model: str, output_dir: str, **overrides) -> float:
     return time.monotonic() - start
 
 
+def time_phases(model: str, output_dir: str) -> tuple[float, float]:
+    """One uninterrupted run: seconds to its first checkpoint write, and from there to its end."""
+    command = [sys.executable, "train.py", *flags(model, output_dir, mode="D")]
+    start = time.monotonic()
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_training(output_dir, process)
+    training = time.monotonic()
+    process.wait()
+    return training - start, max(time.monotonic() - training, 0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -65,9 +79,15 @@ def main() -> None:
         train(model, reference_dir)
     else:
         resume_launched(model, reference_dir, os.path.join(work, "logs_ref"))
-    with open(os.path.join(reference_dir, "results.json")) as f:
-        results = json.load(f)
-    span = max(results["train_time_s"] + results["eval_time_s"], 1.0)
+    startup, span = None, None
+    if args.processes == 1:
+        # A second, warm run times its start-up (to the first checkpoint write) and the rest, so
+        # the random kills land inside the run rather than after it.
+        startup, span = time_phases(model, os.path.join(work, "calibration"))
+    else:
+        with open(os.path.join(reference_dir, "results.json")) as f:
+            results = json.load(f)
+        span = max(results["train_time_s"] + results["eval_time_s"], 1.0)
     expected = outcome(reference_dir)
     matched = 0
     for trial in range(args.trials):
@@ -75,7 +95,7 @@ def main() -> None:
         logs = os.path.join(work, f"logs_{trial}")
         if args.processes == 1:
             command = [sys.executable, "train.py", *flags(model, out, mode="D")]
-            kill = kill_at_random(command, out, rng, span, env())
+            kill = kill_at_random(command, out, rng, span, env(), startup_s=startup)
             train(model, out, resume=True)
         else:
             kill = kill_one_process(model, out, rng, span, logs)

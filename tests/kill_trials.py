@@ -85,7 +85,7 @@ def _checkpoint_dirs(output_dir: str) -> tuple[list[int], list[str]]:
     return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if "tmp" in n)
 
 
-def _wait_for_training(output_dir: str, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for_training(output_dir: str, process: subprocess.Popen, timeout: float = 600) -> None:
     """Returns once the first checkpoint write has begun (training is under way)."""
     path = os.path.join(output_dir, "checkpoints")
     deadline = time.monotonic() + timeout
@@ -96,19 +96,25 @@ def _wait_for_training(output_dir: str, process: subprocess.Popen, timeout: floa
 
 
 def kill_at_random(
-    command: list[str], output_dir: str, rng: random.Random, span_s: float, environ: dict
+    command: list[str],
+    output_dir: str,
+    rng: random.Random,
+    span_s: float,
+    environ: dict,
+    startup_s: float | None = None,
 ) -> Kill:
     """Starts ``command``; SIGKILLs it at a random moment: one time in five anywhere in its first
-    ``span_s`` seconds of start-up (loading, the Fisher pass), otherwise within ``span_s`` after
-    the first checkpoint write begins, while checkpoints are written at every step."""
+    ``startup_s`` (default ``span_s``) seconds of start-up (loading, the Fisher pass), otherwise
+    within ``span_s`` after the first checkpoint write begins, while checkpoints are written at
+    every step."""
     start = time.monotonic()
     process = subprocess.Popen(
         command, cwd=REPO, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     if rng.random() < 0.2:
-        delay = rng.uniform(0, span_s)
+        delay = rng.uniform(0, span_s if startup_s is None else startup_s)
     else:
-        _wait_for_training(output_dir, process)
+        wait_for_training(output_dir, process)
         delay = time.monotonic() - start + rng.uniform(0, span_s)
     while process.poll() is None and time.monotonic() - start < delay:
         time.sleep(0.005)
@@ -149,7 +155,7 @@ def kill_one_process(
     )
     pids = [int(re.search(r"pid (\d+)", launcher.stderr.readline()).group(1)) for _ in range(2)]
     victim = rng.randrange(2)
-    _wait_for_training(output_dir, launcher)
+    wait_for_training(output_dir, launcher)
     time.sleep(rng.uniform(0, span_s))
     after = None
     if launcher.poll() is None:
