@@ -128,10 +128,10 @@ def run_all(
     Returns the records of the finished runs and the error lines of the failed ones.
     """
     records, failures = [], []
+    results_dir = kwargs.get("results_dir", store.RESULTS_DIR)
     for i, spec in enumerate(specs, 1):
-        finished = store.load_result(spec, kwargs.get("results_dir", store.RESULTS_DIR))
-        if finished is not None:
-            records.append(finished)
+        if os.path.exists(store.result_path(spec, results_dir)):
+            records.append(store.load_result(spec, results_dir))
             continue
         print(f"[{i}/{len(specs)}] {spec.run_id}", flush=True)
         try:

@@ -116,7 +116,7 @@ def load_tsv_splits(task: GlueTask, data_dir: str) -> tuple[Examples, list[Examp
     return train, dev
 
 
-def _resolves(host: str | None) -> bool:
+def hub_resolves(host: str | None) -> bool:
     """Whether ``host`` has an address (no network: fail at once, not after the hub's retries)."""
     try:
         socket.getaddrinfo(host, 443)
@@ -129,7 +129,7 @@ def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
     """The training split and every dev split of ``task`` from the ``nyu-mll/glue`` hub dataset."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    if not offline and not _resolves(host):
+    if not offline and not hub_resolves(host):
         raise GlueDataError(
             f"Cannot reach the hub ({host}) to load {HUB_DATASET}/{task.name}: set "
             "--config.data_dir to a folder of the original GLUE files (or HF_HUB_OFFLINE=1 to "

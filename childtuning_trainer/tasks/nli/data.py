@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 
 from childtuning_trainer.tasks.base import DataError, Examples
-from childtuning_trainer.tasks.glue.data import _resolves
+from childtuning_trainer.tasks.glue.data import hub_resolves
 
 if TYPE_CHECKING:
     from childtuning_trainer.tasks.nli.tasks import NliTask
@@ -231,7 +231,7 @@ def load_hub_splits(task: NliTask) -> tuple[Examples, list[Examples]]:
     what = hub.dataset + (f"/{hub.config}" if hub.config else "")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    if not offline and not _resolves(host):
+    if not offline and not hub_resolves(host):
         raise NliDataError(
             f"Cannot reach the hub ({host}) to load {what}: set --config.data_dir to a folder of "
             "NLI files (e.g. ../shared/nli), or HF_HUB_OFFLINE=1 to use a cached copy."
