@@ -44,8 +44,12 @@ RESUME_KEYS = (
     "dtype",
     "padding",
     "bucket_multiple",
+    "max_buckets",
+    "bucket_min_share",
     *regularizers.CONFIG_KEYS,
 )
+# What a key added later meant in checkpoints written before it existed.
+LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0}
 
 
 def checkpoint_manager(config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -95,10 +99,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: Any) -> tuple[A
 def check_resumable(config: ml_collections.ConfigDict, meta: dict, global_batch: int) -> None:
     saved = meta["config"]
     for key in RESUME_KEYS:
-        if saved.get(key) != config[key]:
+        if saved.get(key, LEGACY_VALUES.get(key)) != config[key]:
             raise ValueError(
                 f"Cannot resume from {config.output_dir!r}: its checkpoint has "
-                f"{key}={saved.get(key)!r}, this run {key}={config[key]!r}."
+                f"{key}={saved.get(key, LEGACY_VALUES.get(key))!r}, this run {key}={config[key]!r}."
             )
     if meta["global_batch_size"] != global_batch:
         raise ValueError(

@@ -35,6 +35,10 @@ def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
         )
     if not (isinstance(config.bucket_multiple, int) and config.bucket_multiple > 0):
         raise ValueError(f"config.bucket_multiple={config.bucket_multiple} must be a positive int.")
+    if not (isinstance(config.max_buckets, int) and config.max_buckets >= 0):
+        raise ValueError(f"config.max_buckets={config.max_buckets} must be an int >= 0.")
+    if not 0.0 <= config.bucket_min_share < 1.0:
+        raise ValueError(f"config.bucket_min_share={config.bucket_min_share} must be in [0, 1).")
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise ValueError(f"config.warmup_ratio={config.warmup_ratio} must be in [0, 1].")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:

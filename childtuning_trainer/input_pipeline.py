@@ -6,10 +6,13 @@ first example whose ``weights`` are 0: training then averages the loss over the 
 exactly once.
 
 Sequences are tokenised to ``max_seq_length``; with ``padding="bucket"`` each batch is then cut to
-the smallest of a few bucket lengths (multiples of ``bucket_multiple`` up to ``max_seq_length``)
-that holds its longest example, on the tokenizer's padding side. Only padding is removed, so the
-examples, their order and truncation are those of ``padding="max_length"``, and the steps compile
-once per bucket instead of once.
+the smallest of a few bucket lengths that holds its longest example, on the tokenizer's padding
+side. The bucket lengths are fitted to the run (:func:`fit_buckets`): at most ``max_buckets``
+multiples of ``bucket_multiple`` that minimise the padded positions of the run's training and dev
+batches, each used by at least ``bucket_min_share`` of them, then ``max_seq_length`` for anything
+longer (``max_buckets=0``: every multiple). Only padding is removed, so the examples, their order
+and truncation are those of ``padding="max_length"``, and the steps compile once per bucket
+instead of once.
 
 The order of the training examples in epoch ``e`` is a pure function of ``(seed, e)``, so a resumed
 run sees the same batches as an uninterrupted one.
@@ -58,14 +61,6 @@ class Padding(NamedTuple):
         length = self.length(batch)
         cut = slice(-length, None) if self.side == "left" else slice(0, length)
         return {k: v[:, cut] if k in SEQUENCE_FEATURES else v for k, v in batch.items()}
-
-
-def make_padding(config: ml_collections.ConfigDict, tokenizer: Any) -> Padding:
-    """The run's :class:`Padding` from ``config.padding`` and the tokenizer's padding side."""
-    side = getattr(tokenizer, "padding_side", "right")
-    if config.padding == "max_length":
-        return Padding((config.max_seq_length,), side)
-    return Padding(bucket_lengths(config.max_seq_length, config.bucket_multiple), side)
 
 
 class TaskData(NamedTuple):
@@ -183,3 +178,91 @@ def fisher_batches(
     for batch in train_batches(features, order, batch_size, padding=padding):
         batch["weights"] *= num_devices / batch["weights"].sum()
         yield batch
+
+
+def fit_buckets(
+    batch_lengths: np.ndarray,
+    max_seq_length: int,
+    multiple: int,
+    max_buckets: int,
+    min_share: float = 0.0,
+) -> tuple[int, ...]:
+    """At most ``max_buckets`` bucket lengths that pad ``batch_lengths`` to the fewest positions.
+
+    Each batch's longest example is rounded up to a multiple of ``multiple`` (at most
+    ``max_seq_length``); a dynamic programme over the sorted distinct values then groups them into
+    contiguous runs, each padded to its largest value, minimising the total length. Every bucket
+    must hold at least ``min_share`` of the batches (a rarely used shape costs a compile for little
+    saving); ties go to fewer buckets. ``max_seq_length`` is appended if missing, so any batch fits.
+    """
+    rounded = np.minimum(-(-np.asarray(batch_lengths) // multiple) * multiple, max_seq_length)
+    values, counts = np.unique(rounded, return_counts=True)
+    if len(values) == 0:
+        return (max_seq_length,)
+    cumulative = np.concatenate([[0], np.cumsum(counts)])
+    floor = min_share * cumulative[-1]
+    # cost[g][j]: least total length of values[: j + 1] in g buckets, the last ending at values[j].
+    cost: list[dict[int, tuple[int, int | None]]] = [{}]
+    for j in range(len(values)):
+        if cumulative[j + 1] >= floor:
+            cost[0][j] = (int(values[j] * cumulative[j + 1]), None)
+    for _ in range(1, max_buckets):
+        previous, current = cost[-1], {}
+        for j in range(len(values)):
+            for i, (before, _) in previous.items():
+                held = cumulative[j + 1] - cumulative[i + 1]
+                if i < j and held >= floor:
+                    total = before + int(values[j] * held)
+                    if j not in current or total < current[j][0]:
+                        current[j] = (total, i)
+        cost.append(current)
+    last = len(values) - 1
+    groups = min(
+        (g for g in range(len(cost)) if last in cost[g]), key=lambda g: (cost[g][last][0], g)
+    )
+    buckets, j = [], last
+    for g in range(groups, -1, -1):
+        buckets.append(int(values[j]))
+        j = cost[g][j][1]
+    buckets.reverse()
+    return tuple(buckets) if buckets[-1] == max_seq_length else (*buckets, max_seq_length)
+
+
+def batch_lengths(features: Batch, order: np.ndarray, batch_size: int) -> np.ndarray:
+    """The longest example (in real tokens) of each batch of ``features`` taken in ``order``."""
+    lengths = features["attention_mask"].sum(axis=1)[order]
+    return np.array(
+        [lengths[i : i + batch_size].max() for i in range(0, len(order), batch_size)], np.int64
+    )
+
+
+def make_padding(
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    data: TaskData | None = None,
+    batch_size: int | None = None,
+) -> Padding:
+    """The run's :class:`Padding` from ``config.padding`` and the tokenizer's padding side.
+
+    With ``config.max_buckets > 0`` the buckets are fitted to ``data``'s batches of
+    ``batch_size``: the training batches of every epoch (their order is known in advance) and the
+    dev batches.
+    """
+    side = getattr(tokenizer, "padding_side", "right")
+    if config.padding == "max_length":
+        return Padding((config.max_seq_length,), side)
+    if config.get("max_buckets", 0) <= 0 or data is None:
+        return Padding(bucket_lengths(config.max_seq_length, config.bucket_multiple), side)
+    lengths = [
+        batch_lengths(data.train, epoch_order(config.seed, e, data.num_train_examples), batch_size)
+        for e in range(config.num_train_epochs)
+    ]
+    lengths += [batch_lengths(d, np.arange(len(d["labels"])), batch_size) for d in data.dev]
+    buckets = fit_buckets(
+        np.concatenate(lengths),
+        config.max_seq_length,
+        config.bucket_multiple,
+        config.max_buckets,
+        config.bucket_min_share,
+    )
+    return Padding(buckets, side)

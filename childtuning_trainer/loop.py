@@ -132,12 +132,13 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
             "continue that run, or choose another output_dir."
         )
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
-    padding = input_pipeline.make_padding(config, tokenizer)
     data = input_pipeline.tokenize_all(
-        train_examples, dev_examples, task, tokenizer, config.max_seq_length, padding
+        train_examples, dev_examples, task, tokenizer, config.max_seq_length
     )
     extra_sets = extra_eval.tokenize_sets(extra_sets, tokenizer, config.max_seq_length)
     global_batch = config.per_device_batch_size * len(devices)
+    padding = input_pipeline.make_padding(config, tokenizer, data, global_batch)
+    data = data._replace(padding=padding)
     steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
     total_steps = steps_per_epoch * config.num_train_epochs
     model, params = load_model(config, task)

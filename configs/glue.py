@@ -29,10 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
     # (../shared/nli). Empty: the task's hub dataset (nyu-mll/glue for GLUE).
     config.data_dir = ""
     config.max_seq_length = 128
-    # "bucket": each batch padded to the smallest multiple of bucket_multiple (up to
-    # max_seq_length) holding its longest example; "max_length": every batch to max_seq_length.
+    # "bucket": each batch padded to the smallest bucket length holding its longest example;
+    # "max_length": every batch to max_seq_length. The buckets are at most max_buckets multiples
+    # of bucket_multiple fitted to the run's batches (fewest padded positions), each used by at
+    # least bucket_min_share of them, plus max_seq_length (max_buckets=0: every multiple).
     config.padding = "bucket"
-    config.bucket_multiple = 32
+    config.bucket_multiple = 8
+    config.max_buckets = 4
+    config.bucket_min_share = 0.05
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
 
@@ -97,9 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_grad_norm = 1.0
 
     # Parallelism and multi-process runs (childtuning_trainer.parallel, .distributed).
-    # "pmap" (default) | "jit": jax.jit over a Mesh, batch sharded over its "data" axis, params
-    # and optimizer state replicated; both give the same results.
-    config.parallelism = "pmap"
+    # "jit" (default): jax.jit over a Mesh, batch sharded over its "data" axis, params and
+    # optimizer state replicated | "pmap": jax.pmap. Both give the same results (up to float
+    # rounding); jit's steps were faster at every device count measured (benchmarks/RESULTS.md).
+    config.parallelism = "jit"
     # jax.distributed.initialize(coordinator_address, num_processes, process_id): set all three
     # (launch.py does) or none; none: a single process, or what JAX detects (TPU pod, Slurm).
     config.coordinator_address = ""  # host:port of process 0

@@ -202,6 +202,18 @@ def test_bad_run_is_reported_with_its_error_line(tmp_path):
     assert store.load_result(spec, str(tmp_path / "results")) is None
 
 
+def test_a_run_locked_by_another_sweep_is_left_to_it(tmp_path, capsys):
+    spec = RunSpec.of(task="no_such_task", mode="D")  # would fail if this sweep ran it
+    kwargs = dict(results_dir=str(tmp_path / "results"), work_dir=str(tmp_path / "work"))
+    with sweep.run_lock(spec.run_id, kwargs["work_dir"]) as mine:
+        assert mine
+        records, failures = sweep.run_all([spec], cache_dir=None, **kwargs)
+    assert records == [] and failures == []
+    assert "another sweep is training it" in capsys.readouterr().out
+    with sweep.run_lock(spec.run_id, kwargs["work_dir"]) as mine:  # released: free again
+        assert mine
+
+
 @needs_glue
 def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     model = _tiny_bert(tmp_path / "tiny", 2, headless=True)

@@ -2,12 +2,14 @@
 pipeline, the objective, and the checkpoint layout."""
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -205,6 +207,71 @@ def test_bucket_lengths_end_at_the_maximum():
     assert input_pipeline.bucket_lengths(128, 32) == (32, 64, 96, 128)
     assert input_pipeline.bucket_lengths(100, 32) == (32, 64, 96, 100)
     assert input_pipeline.bucket_lengths(16, 32) == (16,)
+
+
+def _brute_force_buckets(lengths, max_len, multiple, max_buckets, min_share):
+    """Every set of at most ``max_buckets`` rounded lengths that holds the longest: the cheapest."""
+    rounded = np.minimum(-(-np.asarray(lengths) // multiple) * multiple, max_len)
+    values = sorted(set(rounded.tolist()))
+    best = None
+    for k in range(1, max_buckets + 1):
+        for chosen in itertools.combinations(values[:-1], k - 1):
+            buckets = (*chosen, values[-1])
+            assigned = np.array([next(b for b in buckets if b >= r) for r in rounded])
+            counts = [(assigned == b).sum() for b in buckets]
+            if min(counts) < min_share * len(rounded):
+                continue
+            if best is None or assigned.sum() < best[0]:
+                best = (assigned.sum(), buckets)
+    return best
+
+
+@pytest.mark.parametrize("trial", range(30))
+def test_fitted_buckets_are_the_cheapest_allowed_set(trial):
+    rng = np.random.default_rng(trial)
+    lengths = rng.integers(3, 64, size=rng.integers(1, 40))
+    max_buckets, min_share = int(rng.integers(1, 5)), float(rng.choice([0.0, 0.1, 0.3]))
+    buckets = input_pipeline.fit_buckets(lengths, 64, 8, max_buckets, min_share)
+    cost, expected = _brute_force_buckets(lengths, 64, 8, max_buckets, min_share)
+    rounded = np.minimum(-(-lengths // 8) * 8, 64)
+    assigned = np.array([next(b for b in buckets if b >= r) for r in rounded])
+    used = sorted(set(assigned.tolist()))
+    assert assigned.sum() == cost  # as cheap as the cheapest allowed set
+    assert len(used) <= max_buckets and used[-1] == expected[-1]
+    assert all((assigned == b).sum() >= min_share * len(lengths) for b in used)
+    assert buckets[-1] == 64 and set(buckets) - set(used) <= {64}
+
+
+def test_fitted_buckets_skip_rare_lengths_and_always_end_at_the_maximum():
+    # 95 batches need 128 and 5 need 40: a bucket for 5 % of the batches is not worth a compile.
+    lengths = np.array([128] * 95 + [40] * 5)
+    assert input_pipeline.fit_buckets(lengths, 128, 8, 4, 0.1) == (128,)
+    assert input_pipeline.fit_buckets(lengths, 128, 8, 4, 0.0) == (40, 128)
+    assert input_pipeline.fit_buckets(np.array([10, 12, 30]), 128, 8, 2) == (16, 32, 128)
+    assert input_pipeline.fit_buckets(np.array([10, 20, 30]), 128, 8, 3) == (16, 24, 32, 128)
+
+
+def test_make_padding_fits_buckets_to_the_training_and_dev_batches():
+    config = ml_collections.ConfigDict(
+        dict(padding="bucket", max_seq_length=64, bucket_multiple=8, max_buckets=2)
+    )
+    config.update(bucket_min_share=0.0, seed=0, num_train_epochs=2)
+    train, dev = _padded([5, 6, 7, 30, 31, 6], 64, "right"), _padded([4, 40], 64, "right")
+    data = input_pipeline.TaskData(None, train, [dev])
+    padding = input_pipeline.make_padding(config, None, data, batch_size=2)
+    lengths = np.concatenate(
+        [
+            input_pipeline.batch_lengths(train, input_pipeline.epoch_order(0, e, 6), 2)
+            for e in range(2)
+        ]
+        + [np.array([40])]
+    )
+    assert padding.buckets == input_pipeline.fit_buckets(lengths, 64, 8, 2)
+    assert padding.buckets[-1] == 64 and 40 in padding.buckets
+    config.max_buckets = 0  # every multiple
+    assert input_pipeline.make_padding(config, None, data, 2).buckets == tuple(range(8, 65, 8))
+    config.padding = "max_length"
+    assert input_pipeline.make_padding(config, None, data, 2).buckets == (64,)
 
 
 def _padded(lengths, total, side):

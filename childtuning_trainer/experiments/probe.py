@@ -25,7 +25,7 @@ from flax import nnx
 
 from childtuning_jax.models import from_pretrained
 from childtuning_trainer import input_pipeline, recipe, saved_model, tasks
-from childtuning_trainer.experiments import report, store
+from childtuning_trainer.experiments import report, store, sweep
 from childtuning_trainer.experiments.protocols import PROBE_SETTINGS, Protocol
 from childtuning_trainer.objective import example_losses
 from childtuning_trainer.tasks import metrics as task_metrics
@@ -171,12 +171,15 @@ def run_probes(
             failures.append(f"probe {spec.run_id} -> {target}: the source run has not finished")
             print(f"  {failures[-1]}", flush=True)
             continue
-        print(f"probe {spec.run_id} -> {target}", flush=True)
-        result = probe(record, params_path, target, data_dir, samples)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        with sweep.run_lock(f"{spec.run_id}-probe-{target}") as mine:
+            if not mine or os.path.exists(path):
+                continue  # another sweep is on it, or has just finished it
+            print(f"probe {spec.run_id} -> {target}", flush=True)
+            result = probe(record, params_path, target, data_dir, samples)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f, indent=1, sort_keys=True)
+            os.replace(path + ".tmp", path)
         print(f"  {target}: {result['eval']}", flush=True)
         if on_result is not None:
             on_result()

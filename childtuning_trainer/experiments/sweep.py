@@ -4,12 +4,15 @@ Each run is ``train.py`` in its own process with ``--config.resume=true`` in its
 so an interrupted sweep continues where it stopped: finished runs (those with a result file) are
 skipped, an unfinished one resumes from its newest checkpoint. The processes share JAX's
 persistent compilation cache, so a program compiled for one run (same shapes, same settings) is
-loaded, not compiled again, by the next.
+loaded, not compiled again, by the next. Several sweeps may work through the same runs at once
+(say one per core): a run is trained by whichever sweep takes its lock file first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shlex
@@ -17,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from childtuning_trainer.experiments import store
@@ -108,12 +111,34 @@ def run_one(
         "overrides": dict(spec.overrides),
         "command": shlex.join(["python", *command[1:]]),
         "wall_time_s": wall,
+        # XLA's CPU results depend (at float rounding) on how many cores the process may use.
+        "cpu_cores": len(os.sched_getaffinity(0)),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     store.save_result(spec, record, results_dir)
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
     return record
+
+
+@contextlib.contextmanager
+def run_lock(name: str, work_dir: str = store.WORK_DIR) -> Iterator[bool]:
+    """Holds the lock file ``<work_dir>/<name>.lock`` while the block runs; yields False if another
+    process holds it.
+
+    An ``flock`` lock: the operating system releases it when its holder exits, however it exits.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    with open(os.path.join(work_dir, f"{name}.lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_all(
@@ -133,13 +158,17 @@ def run_all(
         if os.path.exists(store.result_path(spec, results_dir)):
             records.append(store.load_result(spec, results_dir))
             continue
-        print(f"[{i}/{len(specs)}] {spec.run_id}", flush=True)
-        try:
-            record = run_one(spec, **kwargs)
-        except RuntimeError as e:
-            print(f"  failed: {e}", flush=True)
-            failures.append(str(e))
-            continue
+        with run_lock(spec.run_id, kwargs.get("work_dir", store.WORK_DIR)) as mine:
+            if not mine:
+                print(f"[{i}/{len(specs)}] {spec.run_id}: another sweep is training it", flush=True)
+                continue
+            print(f"[{i}/{len(specs)}] {spec.run_id}", flush=True)
+            try:
+                record = run_one(spec, **kwargs)
+            except RuntimeError as e:
+                print(f"  failed: {e}", flush=True)
+                failures.append(str(e))
+                continue
         records.append(record)
         print(f"  done in {record['wall_time_s']:.0f}s: {record['eval']}", flush=True)
         if on_result is not None:
