@@ -135,10 +135,30 @@ def _pmap_lines(r: dict[str, Any]) -> list[str]:
     for mode, per_n in r["modes"].items():
         steps = ", ".join(
             f"{n} dev {v['step']['median_s'] * 1e3:.0f} ms ({v['speedup_vs_1']:.2f}x)"
+            + (f", jit {v['jit']['step']['median_s'] * 1e3:.0f} ms" if "jit" in v else "")
             for n, v in per_n.items()
         )
         lines.append(f"  - {mode}: {steps}")
+    for mode, kinds in r.get("2x2", {}).items() if isinstance(r.get("2x2"), dict) else []:
+        steps = ", ".join(f"{k} {v['step']['median_s'] * 1e3:.0f} ms" for k, v in kinds.items())
+        lines.append(f"  - {mode}, 2 processes x 2 devices: {steps}")
+    if "max_abs_2x2_vs_1x4_diff" in r:
+        lines.append(
+            f"  - max |param diff|: 2x2 vs 1x4 {r['max_abs_2x2_vs_1x4_diff']:.2g}, jit vs pmap "
+            f"{r.get('max_abs_jit_vs_pmap_diff', float('nan')):.2g}"
+        )
     return lines
+
+
+def _compile_cache_lines(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"- compile_cache: skipped ({r['skipped']})"]
+    walls = ", ".join(
+        f"{k.replace('_', ' ')} {r[k]['wall_time_s']:.1f} s"
+        for k in ("no_cache", "cold_cache", "warm_cache")
+        if k in r
+    )
+    return [f"- compile cache ({r['run'].get('task')} {r['run'].get('mode')}, one run): {walls}"]
 
 
 def _padding_lines(r: dict[str, Any]) -> list[str]:
@@ -194,6 +214,7 @@ def markdown(record: dict[str, Any]) -> str:
         "memory": _memory_lines,
         "pmap_scaling": _pmap_lines,
         "padding": _padding_lines,
+        "compile_cache": _compile_cache_lines,
     }
     for name, fn in sections.items():
         if name not in results:
