@@ -99,10 +99,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: Any) -> tuple[A
 def check_resumable(config: ml_collections.ConfigDict, meta: dict, global_batch: int) -> None:
     saved = meta["config"]
     for key in RESUME_KEYS:
-        if saved.get(key, LEGACY_VALUES.get(key)) != config[key]:
+        value = saved.get(key, LEGACY_VALUES.get(key))
+        if value != config[key]:
             raise ValueError(
                 f"Cannot resume from {config.output_dir!r}: its checkpoint has "
-                f"{key}={saved.get(key, LEGACY_VALUES.get(key))!r}, this run {key}={config[key]!r}."
+                f"{key}={value!r}, this run {key}={config[key]!r}."
             )
     if meta["global_batch_size"] != global_batch:
         raise ValueError(

@@ -230,17 +230,15 @@ def fit_buckets(
 
 def batch_lengths(features: Batch, order: np.ndarray, batch_size: int) -> np.ndarray:
     """The longest example (in real tokens) of each batch of ``features`` taken in ``order``."""
-    lengths = features["attention_mask"].sum(axis=1)[order]
-    return np.array(
-        [lengths[i : i + batch_size].max() for i in range(0, len(order), batch_size)], np.int64
-    )
+    lengths = features["attention_mask"].sum(axis=1)[order].astype(np.int64)
+    return np.maximum.reduceat(lengths, np.arange(0, len(order), batch_size))
 
 
 def make_padding(
     config: ml_collections.ConfigDict,
     tokenizer: Any,
-    data: TaskData | None = None,
-    batch_size: int | None = None,
+    data: TaskData,
+    batch_size: int,
 ) -> Padding:
     """The run's :class:`Padding` from ``config.padding`` and the tokenizer's padding side.
 
@@ -251,7 +249,7 @@ def make_padding(
     side = getattr(tokenizer, "padding_side", "right")
     if config.padding == "max_length":
         return Padding((config.max_seq_length,), side)
-    if config.get("max_buckets", 0) <= 0 or data is None:
+    if config.max_buckets <= 0:
         return Padding(bucket_lengths(config.max_seq_length, config.bucket_multiple), side)
     lengths = [
         batch_lengths(data.train, epoch_order(config.seed, e, data.num_train_examples), batch_size)
