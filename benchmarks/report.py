@@ -181,6 +181,14 @@ def _padding_lines(r: dict[str, Any]) -> list[str]:
         )
         if "bucket32_epoch_speedup" in t:
             line += f"; every multiple of 32: epoch 2 {t['bucket32_epoch_speedup']:.2f}x"
+        if "every_multiple_epoch_speedups" in t:
+            first, second = t["every_multiple_epoch_speedups"]
+            line += (
+                f"; every multiple of {t['every_multiple']['bucket_multiple']} (max_buckets=0): "
+                f"epoch 2 {second:.2f}x, epoch 1 "
+                f"{first:.2f}x, lengths used {t['every_multiple']['lengths_used']}, real tokens "
+                f"{t['every_multiple']['real_token_share']:.2f}"
+            )
         lines.append(line)
     return lines
 

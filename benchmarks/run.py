@@ -49,9 +49,12 @@ BENCHMARKS = (
 CPU_THREADS = 2
 
 
-def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callable[[], Any]]:
+def cpu_suite(
+    smoke: bool, train_rounds: int | None = None, padding_tasks: tuple[str, ...] | None = None
+) -> dict[str, Callable[[], Any]]:
     """The CPU suite: benchmark name -> thunk returning its results (``train_rounds``: rounds of
-    the train-step benchmark, default 3)."""
+    the train-step benchmark, default 3; ``padding_tasks``: the padding benchmark's tasks, default
+    all four)."""
     from benchmarks import (
         common,
         compile_cache,
@@ -78,7 +81,7 @@ def cpu_suite(smoke: bool, train_rounds: int | None = None) -> dict[str, Callabl
             smoke=smoke, modes=("vanilla", "D") if smoke else ("vanilla", "D", "F")
         ),
         "pmap_scaling": lambda: pmap_scaling.run(smoke=smoke),
-        "padding": lambda: padding.run(smoke=smoke),
+        "padding": lambda: padding.run(smoke=smoke, tasks=padding_tasks or padding.TASKS),
         "compile_cache": lambda: compile_cache.run(smoke=smoke),
     }
 
@@ -160,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="rounds of the CPU train-step benchmark (default 3; each costs about 75 s on 2 cores)",
     )
+    parser.add_argument(
+        "--padding-tasks",
+        default="",
+        help="comma-separated tasks of the padding benchmark (default cola,stsb,mrpc,rte)",
+    )
     args = parser.parse_args(argv)
     if args.train_rounds is not None and args.train_rounds < 1:
         parser.error(f"--train-rounds must be >= 1, got {args.train_rounds}")
@@ -167,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    padding_tasks = tuple(t for t in args.padding_tasks.split(",") if t) or None
+    if padding_tasks and not set(padding_tasks) <= {"cola", "stsb", "mrpc", "rte"}:
+        parser.error(
+            f"--padding-tasks: choose from cola, stsb, mrpc, rte; got {args.padding_tasks}"
+        )
     out_dir = args.out or (tempfile.mkdtemp(prefix="ctjax-bench-") if args.smoke else records.HERE)
 
     if args.gpu:
@@ -185,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     with shared_compilation_cache():
         background = ("memory", "pmap_scaling", "compile_cache") if args.smoke else ()
         results, errors = run_suite(
-            cpu_suite(args.smoke, args.train_rounds), only, background=background
+            cpu_suite(args.smoke, args.train_rounds, padding_tasks),
+            only,
+            background=background,
         )
     record.update(
         results=results, duration_s=time.perf_counter() - start, load_end=list(os.getloadavg())

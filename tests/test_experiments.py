@@ -110,6 +110,20 @@ def test_report_tables_mean_and_sample_std_over_seeds(tmp_path, monkeypatch):
     assert (tmp_path / "experiments" / "demo" / "bars_0.png").stat().st_size > 1000
 
 
+def test_trivial_column_is_the_mean_over_the_seeds_shown():
+    records = []
+    for mode in ("vanilla", "D"):
+        for seed, majority in ((42, 0.50), (52, 0.56)):  # each seed's subset has its own majority
+            _, record = _record("rte", mode, seed, 0.6)
+            record["baseline"] = {"eval": {"accuracy": majority}}
+            records.append(record)
+    assert report.trivial_scores(records) == {"rte": pytest.approx(53.0)}
+    table = "\n".join(
+        report.markdown_table(report.summarize(records)["lr 0.0001"], {}, {"rte": 53.0})
+    )
+    assert table.rstrip().endswith("| 53.0 |")
+
+
 def test_best_setting_per_method_is_chosen_by_mean():
     summary = {
         "lr 0.0001": {"rte": {"D": {"mean": 60.0}, "vanilla": {"mean": 65.0}}},
