@@ -23,7 +23,8 @@ install: $(VENV)/.installed
 
 test: install test-bare
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	# Two workers, each test file on one: compiles (one core each) overlap.
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The library alone (`pip install .`, no extras) in its own environment: imports, runs F and D.
 $(BARE)/.installed: pyproject.toml

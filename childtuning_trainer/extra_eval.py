@@ -112,12 +112,8 @@ def predict(
     padding: input_pipeline.Padding | None,
 ) -> np.ndarray:
     """Predicted label ids of every example of ``features``, in order."""
-    outputs = []
-    for batch in input_pipeline.eval_batches(features, batch_size, padding):
-        weights = batch.pop("weights")
-        logits = np.asarray(p_eval_step(params, parallel.shard_batch(batch, devices)))
-        outputs.append(logits.reshape(batch_size, -1)[weights > 0])
-    return np.concatenate(outputs).argmax(axis=-1)
+    logits = steps.eval_outputs(p_eval_step, params, features, devices, batch_size, padding)
+    return logits.argmax(axis=-1)
 
 
 def evaluate(

@@ -67,6 +67,23 @@ def make_eval_step(model: Model) -> Callable:
     return lambda params, batch: model.apply(params, batch, dropout_rng=None)
 
 
+def eval_outputs(
+    p_eval_step: Callable,
+    params: Any,
+    features: input_pipeline.Batch,
+    devices: Sequence[jax.Device],
+    batch_size: int,
+    padding: input_pipeline.Padding | None,
+) -> np.ndarray:
+    """The model's outputs (logits) for every example of ``features``, in order."""
+    outputs = []
+    for batch in input_pipeline.eval_batches(features, batch_size, padding):
+        weights = batch.pop("weights")
+        logits = np.asarray(p_eval_step(params, parallel.shard_batch(batch, devices)))
+        outputs.append(logits.reshape(batch_size, -1)[weights > 0])
+    return np.concatenate(outputs)
+
+
 def evaluate(
     p_eval_step: Callable,
     params: Any,
@@ -77,12 +94,8 @@ def evaluate(
     """The task's metrics on every evaluation set (each set's suffix ends its metric names)."""
     metrics: dict[str, float] = {}
     for dev_set, features in zip(data.task.dev_sets, data.dev, strict=True):
-        outputs = []
-        for batch in input_pipeline.eval_batches(features, batch_size, data.padding):
-            weights = batch.pop("weights")
-            logits = np.asarray(p_eval_step(params, parallel.shard_batch(batch, devices)))
-            outputs.append(logits.reshape(batch_size, -1)[weights > 0])
-        preds = task_metrics.predictions(data.task, np.concatenate(outputs))
+        logits = eval_outputs(p_eval_step, params, features, devices, batch_size, data.padding)
+        preds = task_metrics.predictions(data.task, logits)
         scores = task_metrics.compute_metrics(data.task, preds, features["labels"])
         metrics.update({name + dev_set.suffix: value for name, value in scores.items()})
     return metrics

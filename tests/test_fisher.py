@@ -94,8 +94,9 @@ def test_per_example_rule_matches_loop_over_single_examples():
         lambda *g: np.mean(np.square(np.stack(g)), axis=0),
         *[jax.grad(_loss)(params, ex) for ex in examples],
     )
+    # Vectorised per-example gradients against a loop over examples: float32 rounding differs.
     jax.tree.map(
-        lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-5, atol=1e-9), fisher, expected
+        lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-9), fisher, expected
     )
 
 

@@ -11,15 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import transformers
-from flax import nnx
+import tiny_models
 
 import childtuning_jax as ct
 from childtuning_jax import leaf_names
-from childtuning_jax.models import from_config
 from childtuning_jax.regularizers import default_anchor_mask
 from childtuning_trainer import checkpoints, config_checks, recipe, regularizers, steps
-from childtuning_trainer.objective import ANCHOR, Model, example_losses, make_objective
+from childtuning_trainer.objective import ANCHOR, example_losses, make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGULARIZERS = regularizers.NAMES
@@ -37,22 +35,6 @@ def _base_config(**overrides):
     config = _glue_module().get_config()
     config.update(**{"output_dir": "unused", **overrides})
     return config
-
-
-def _tiny_model(num_labels=2, num_layers=2):
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    module = from_config(config, num_labels=num_labels, seed=0)
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return Model(graphdef, rest, num_labels), params
 
 
 def _batch(n=4, length=6, regression=False):
@@ -166,7 +148,7 @@ def test_top_k_layers_beyond_the_model_are_rejected():
     with pytest.raises(ValueError, match="top_k_layers=7 exceeds the model's num_hidden_layers=6"):
         config_checks.check_config(config)
     # The recipe says the same when it is built on params of fewer layers.
-    _, params = _tiny_model()
+    _, params = tiny_models.tiny_model()
     child = recipe.child_transform("vanilla")
     with pytest.raises(ValueError, match=r"config.top_k_layers=3: k must be in 1..num_layers=2"):
         recipe.make_optimizer(
@@ -225,7 +207,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
     """Two steps (the params moved in between, so the anchors matter) of the trainer's chain equal
     the library's transforms composed by hand; the decoupled decay adds -lr(t) * c * (w - w0) to
     AdamW's update on every leaf but the classifier."""
-    _, params = _tiny_model()
+    _, params = tiny_models.tiny_model()
     name = case.split("_")[0] if case.startswith("decay") else case
     name = "decay_to_pretrained" if name == "decay" else name
     form = "decoupled" if case == "decay_decoupled" else "penalty"
@@ -271,7 +253,7 @@ def _named_pairs(a, b):
 
 def test_the_chain_keeps_no_reference_to_the_anchor():
     """The anchor is the params given to init, not those the chain was built with."""
-    _, params = _tiny_model()
+    _, params = tiny_models.tiny_model()
     other = jax.tree.map(lambda x: x + 1.0, params)
     config = _base_config(regularizer="recadam", mode="vanilla")
     tx = recipe.optimizer_from_config(config, other, 1e-3, None)
@@ -291,7 +273,7 @@ def test_the_chain_keeps_no_reference_to_the_anchor():
 @pytest.mark.parametrize("regression", [False, True])
 @pytest.mark.parametrize("name", ["none", "mixout", "r3f"])
 def test_train_objective_equals_the_library_pieces(name, regression):
-    model, params = _tiny_model(1 if regression else 2)
+    model, params = tiny_models.tiny_model(1 if regression else 2)
     batch = _batch(regression=regression)
     anchor = jax.tree.map(lambda x: x * 0.5, params)
     rng = jax.random.key(5)
@@ -319,7 +301,7 @@ def test_train_objective_equals_the_library_pieces(name, regression):
 
 
 def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout():
-    model, params = _tiny_model(num_layers=1)
+    model, params = tiny_models.tiny_model(num_layers=1)
     regularizer = regularizers.Regularizer("mixout", mixout_p=0.5)
     config = _base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
     tx = recipe.optimizer_from_config(config, params, 1e-3, None)

@@ -13,14 +13,12 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import transformers
-from flax import nnx
+from tiny_models import tiny_model
 
 from childtuning_jax import leaf_names
-from childtuning_jax.models import from_config
 from childtuning_jax.transforms import child_tuning_d, template_child_mask, uniform_leaf_names
 from childtuning_trainer import checkpoints, config_checks, input_pipeline, recipe, steps, tasks
-from childtuning_trainer.objective import Model, example_losses, make_objective
+from childtuning_trainer.objective import example_losses, make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,21 +30,6 @@ def _base_config(**overrides):
     config = module.get_config()
     config.update(**{"output_dir": "unused", **overrides})
     return config
-
-
-def _tiny_model(num_labels=2):
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    graphdef, params, rest = nnx.split(from_config(config, num_labels=num_labels), nnx.Param, ...)
-    return Model(graphdef, rest, num_labels), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +84,7 @@ def test_learning_rate_schedule_matches_the_official_one():
 
 
 def test_weight_decay_spares_biases_and_layer_norms():
-    _, params = _tiny_model()
+    _, params = tiny_model()
     names = dict(zip(leaf_names(params), jax.tree.leaves(recipe.decay_mask(params)), strict=True))
     assert names["bert/encoder/layer/0/attention/self/query/kernel"]
     assert names["bert/embeddings/word_embeddings/embedding"]
@@ -309,7 +292,7 @@ def test_bucket_padding_removes_only_padding_on_the_tokenizer_side(side):
 
 
 def test_bucketed_batches_give_the_logits_of_full_padding():
-    model, params = _tiny_model()
+    model, params = tiny_model()
     features = _padded([5, 9, 3, 12], 32, "right")
     features["input_ids"] = features["input_ids"] % 50
     full = next(input_pipeline.eval_batches(features, 4))
@@ -329,7 +312,7 @@ def test_bucketed_batches_give_the_logits_of_full_padding():
 
 
 def test_objective_is_the_per_example_task_loss():
-    model, params = _tiny_model()
+    model, params = tiny_model()
     batch = {k: jnp.asarray(v[:, :5] % 50) for k, v in _features(3).items() if k != "labels"}
     batch["labels"] = jnp.asarray([0, 1, 1])
     losses = make_objective(model, regression=False)(params, batch, None)
@@ -341,7 +324,7 @@ def test_objective_is_the_per_example_task_loss():
 
 
 def test_step_without_an_axis_equals_the_mapped_step_on_one_device():
-    model, params = _tiny_model()
+    model, params = tiny_model()
     objective = make_objective(model, regression=False)
     tx = optax.sgd(0.1)
     batch = {k: jnp.asarray(v[:, :5] % 50) for k, v in _features(4).items() if k != "labels"}
@@ -370,7 +353,7 @@ def test_step_without_an_axis_equals_the_mapped_step_on_one_device():
 
 
 def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
-    _, params = _tiny_model()
+    _, params = tiny_model()
     rng = np.random.default_rng(0)
     mask = jax.tree.map(lambda p: rng.random(np.shape(p)) < 0.3, params)
     names = leaf_names(mask)

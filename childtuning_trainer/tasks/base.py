@@ -15,6 +15,18 @@ class DataError(ValueError):
     """A data file or folder that cannot be read as its task expects."""
 
 
+def split_row(line: str, width: int, where: str, error: type[DataError] = DataError) -> list[str]:
+    """The tab-separated fields of one row of a table file; ``error`` (naming ``where``, the
+    file and line) when there are not ``width`` of them."""
+    fields = line.split("\t")
+    if len(fields) != width:
+        raise error(
+            f"{where}: malformed row, {len(fields)} tab-separated field(s) where "
+            f"{width} were expected."
+        )
+    return fields
+
+
 class Examples(NamedTuple):
     """The examples of one split, as parallel columns.
 

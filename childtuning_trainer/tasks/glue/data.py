@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
-from childtuning_trainer.tasks.base import DataError, Examples
+from childtuning_trainer.tasks.base import DataError, Examples, split_row
 
 if TYPE_CHECKING:
     from childtuning_trainer.tasks.glue.tasks import GlueTask
@@ -88,13 +88,8 @@ def read_tsv(task: GlueTask, path: str) -> Examples:
     texts: list[list[str]] = [[] for _ in task.text_columns]
     labels = []
     for lineno, line in enumerate(lines, start=first):
-        fields = line.split("\t")
         where = f"{path}:{lineno}"
-        if len(fields) != len(header):
-            raise GlueDataError(
-                f"{where}: malformed row, {len(fields)} tab-separated field(s) where "
-                f"{len(header)} were expected."
-            )
+        fields = split_row(line, len(header), where, GlueDataError)
         for column, i in zip(texts, index[:-1], strict=True):
             column.append(fields[i])
         labels.append(parse_label(task, fields[index[-1]], where))

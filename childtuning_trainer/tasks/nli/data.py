@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import datasets
 import numpy as np
 
-from childtuning_trainer.tasks.base import DataError, Examples
+from childtuning_trainer.tasks.base import DataError, Examples, split_row
 from childtuning_trainer.tasks.glue.data import hub_resolves
 
 if TYPE_CHECKING:
@@ -141,13 +141,8 @@ def read_sick(path: str) -> dict[str, Examples]:
     index = [header.index(c) for c in SICK_COLUMNS]
     splits: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SICK_SPLITS}
     for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
         where = f"{path}:{lineno}"
-        if len(fields) != len(header):
-            raise NliDataError(
-                f"{where}: malformed row, {len(fields)} tab-separated field(s) where "
-                f"{len(header)} were expected."
-            )
+        fields = split_row(line, len(header), where, NliDataError)
         text_a, text_b, label, split = (fields[i] for i in index)
         if label.lower() not in LABELS_3:
             raise NliDataError(
