@@ -156,6 +156,20 @@ def default_dir(flag_value: str | None, local: str) -> str:
     return ""
 
 
+def hub_for_missing_tasks(protocol: protocols.Protocol, local: str) -> dict[str, str]:
+    """``{task: ""}`` (the hub) for each task of ``protocol``, targets included, whose folder the
+    default local data folder ``local`` does not hold (e.g. SST-2 beside the four local GLUE
+    tasks); the others read ``local``."""
+    names = {spec.get("task") for spec in protocol.specs} | {t for _, t in protocol.probes}
+    missing = {}
+    for name in sorted(n for n in names if n):
+        folder = getattr(tasks.get_task(name), "folder", None)
+        if folder and not os.path.isdir(os.path.join(local, folder)):
+            print(f"{local} has no {folder}/: loading {name} from the hub")
+            missing[name] = ""
+    return missing
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -165,9 +179,11 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     nli = protocol.kind == "domain"
-    data_dir = (
-        default_dir(_NLI_DIR.value, NLI_DIR) if nli else default_dir(_DATA_DIR.value, GLUE_DIR)
-    )
+    flag_dir = _NLI_DIR.value if nli else _DATA_DIR.value
+    data_dir = default_dir(flag_dir, NLI_DIR if nli else GLUE_DIR)
+    # A folder named on the command line must hold every task (else the run says what is
+    # missing); the default local one serves the tasks it holds and the hub the others.
+    data_dirs = hub_for_missing_tasks(protocol, data_dir) if flag_dir is None and data_dir else {}
     print(f"{protocol.name}: {len(protocol.specs)} runs, {len(protocol.probes)} probes")
     if _DRY_RUN.value:
         for spec in protocol.specs:
@@ -175,7 +191,11 @@ def main(argv: list[str]) -> None:
         return
     report.save_protocol(protocol)
     refresh = lambda: report.write_report(protocol.name)
-    kwargs = {"config_file": _CONFIG.value, "settings": {"data_dir": data_dir}}
+    kwargs = {
+        "config_file": _CONFIG.value,
+        "settings": {"data_dir": data_dir},
+        "data_dirs": data_dirs,
+    }
     # Domain runs keep their final checkpoint: `train.py <command> --config.extra_eval=...` then
     # scores further evaluation sets without training again.
     if protocol.kind == "domain":
@@ -184,7 +204,9 @@ def main(argv: list[str]) -> None:
     if protocol.probes:
         from childtuning_trainer.experiments import probe
 
-        failures += probe.run_probes(protocol, data_dir=data_dir, on_result=refresh)
+        failures += probe.run_probes(
+            protocol, data_dir=data_dir, on_result=refresh, data_dirs=data_dirs
+        )
     path = report.write_report(protocol.name)
     print(f"report: {path}")
     if failures:

@@ -3,6 +3,8 @@ pruning, the saved model and the linear probe of task generalisation."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,8 +214,25 @@ def test_bad_run_is_reported_with_its_error_line(tmp_path):
             results_dir=str(tmp_path / "results"),
             work_dir=str(tmp_path / "work"),
             cache_dir=None,
+            settings={"data_dir": "/local/glue"},
+            data_dirs={"no_such_task": "/elsewhere", "rte": "/not/this"},
         )
     assert store.load_result(spec, str(tmp_path / "results")) is None
+    log = (tmp_path / "work" / spec.run_id / "log.txt").read_text()
+    assert "--config.data_dir=/elsewhere" in log and "/local/glue" not in log
+
+
+@needs_glue
+def test_sweep_reads_tasks_missing_locally_from_the_hub():
+    out = subprocess.run(
+        [sys.executable, "sweep.py", "--protocol=fewshot", "--tasks=sst2,rte", "--dry_run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "has no SST-2/: loading sst2 from the hub" in out
+    assert "rte from the hub" not in out and "fewshot: 18 runs" in out
 
 
 def test_a_run_locked_by_another_sweep_is_left_to_it(tmp_path, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -156,9 +156,15 @@ def probe(
 
 
 def run_probes(
-    protocol: Protocol, *, data_dir: str, on_result: Callable[[], None] | None = None
+    protocol: Protocol,
+    *,
+    data_dir: str,
+    on_result: Callable[[], None] | None = None,
+    data_dirs: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Every (source run, target) probe of ``protocol`` not done yet; returns failure lines."""
+    """Every (source run, target) probe of ``protocol`` not done yet; returns failure lines.
+
+    ``data_dirs`` (task -> ``data_dir``) overrides ``data_dir`` for the targets it names."""
     failures = []
     samples = protocol.settings.get("target_samples", 0)
     for spec, target in protocol.probes:
@@ -175,7 +181,8 @@ def run_probes(
             if not mine or os.path.exists(path):
                 continue  # another sweep is on it, or has just finished it
             print(f"probe {spec.run_id} -> {target}", flush=True)
-            result = probe(record, params_path, target, data_dir, samples)
+            target_dir = (data_dirs or {}).get(target, data_dir)
+            result = probe(record, params_path, target, target_dir, samples)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(result, f, indent=1, sort_keys=True)

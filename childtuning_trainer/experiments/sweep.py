@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from childtuning_trainer.experiments import store
@@ -72,8 +72,12 @@ def run_one(
     cache_dir: str | None = CACHE_DIR,
     keep_checkpoints: bool = False,
     train_script: str = "train.py",
+    data_dirs: Mapping[str, str] | None = None,
 ) -> dict:
     """Trains ``spec`` (or resumes it) unless it has finished; returns its result record.
+
+    ``data_dirs`` (task -> ``data_dir``) overrides ``settings``' ``data_dir`` for the tasks it
+    names, e.g. the hub for a task the local data folder does not hold.
 
     The record is the run's ``results.json`` with the run id, overrides, command and wall time.
     Once it is saved the run's checkpoints are deleted (unless ``keep_checkpoints``); its
@@ -87,7 +91,10 @@ def run_one(
         return done
     output_dir = os.path.join(work_dir, spec.run_id)
     os.makedirs(output_dir, exist_ok=True)
-    command = train_command(spec, config_file, output_dir, settings or {}, train_script)
+    settings = dict(settings or {})
+    if data_dirs and spec.get("task") in data_dirs:
+        settings["data_dir"] = data_dirs[spec.get("task")]
+    command = train_command(spec, config_file, output_dir, settings, train_script)
     env = {**os.environ, **(compilation_cache_env(cache_dir) if cache_dir else {})}
     log_path = os.path.join(output_dir, "log.txt")
     start = time.perf_counter()
