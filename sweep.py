@@ -35,7 +35,10 @@ _SEEDS = flags.DEFINE_list("seeds", ["42", "52", "57"], "Seeds (official: 42,52,
 _LRS = flags.DEFINE_list("learning_rates", [], "Learning rates (default: the config's).")
 _PS = flags.DEFINE_list("reserve_ps", [], "reserve_p values (default: the authors' per task).")
 _REGS = flags.DEFINE_list(
-    "regularizers", ["none"], "Regularisers (childtuning_trainer.regularizers)."
+    "regularizers",
+    ["none"],
+    "Regularisers (childtuning_trainer.regularizers), each NAME or NAME:KEY=VALUE:... with its "
+    "own config keys, e.g. recadam:recadam_anneal_t0=20.",
 )
 _SAMPLES = flags.DEFINE_integer(
     "train_samples",
@@ -92,9 +95,26 @@ def check_names() -> None:
         tasks.get_task(name)
     for mode in _MODES.value:
         recipe.check_mode(mode)
-    for name in _REGS.value:
+    regularizer_choices()
+
+
+def regularizer_choices() -> list[protocols.RegularizerChoice]:
+    """``--regularizers`` items: ``NAME``, or ``(NAME, {KEY: VALUE})`` for ``NAME:KEY=VALUE:...``
+    (only the regulariser's own config keys)."""
+    choices: list[protocols.RegularizerChoice] = []
+    for item in _REGS.value:
+        name, *settings = item.split(":")
         if name not in regularizers.NAMES:
             raise ValueError(f"Unknown regularizer {name!r}; expected one of {regularizers.NAMES}.")
+        own = {k: parse_value(v) for k, v in key_values(settings, "regularizers").items()}
+        foreign = sorted(set(own) - set(regularizers.KEYS[name]))
+        if foreign:
+            raise ValueError(
+                f"--regularizers: {foreign} are not settings of {name!r} "
+                f"(its keys: {list(regularizers.KEYS[name])})."
+            )
+        choices.append((name, own) if own else name)
+    return choices
 
 
 def build_protocol() -> protocols.Protocol:
@@ -103,7 +123,7 @@ def build_protocol() -> protocols.Protocol:
     axes = {
         "learning_rates": [float(x) for x in _LRS.value] or [None],
         "reserve_ps": [float(x) for x in _PS.value] or [None],
-        "regularizers": _REGS.value,
+        "regularizers": regularizer_choices(),
     }
     extra = {k: parse_value(v) for k, v in key_values(_SET.value, "set").items()}
     name = _NAME.value or _PROTOCOL.value

@@ -75,7 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     # to 0 (mixout replaces it, as in the reference).
     config.mixout_p = 0.9
     # recadam (Chen et al. 2020), the reference script's defaults: sigmoid annealing with k = 0.5,
-    # t0 = 250, w = 1.0 and gamma (pretrain_cof) = 5000. Replaces AdamW.
+    # t0 = 250, w = 1.0 and gamma (pretrain_cof) = 5000. Replaces AdamW. t0 is in steps: the
+    # task loss is weighted by lambda(t) ~ 0 before it, so scale it to short runs (the reference
+    # chose t0 in {100, 250, 500} for runs of 7,800+ steps; a 189-step run with t0 = 250 would
+    # never train on the task loss).
     config.recadam_anneal_fun = "sigmoid"  # sigmoid | linear | constant
     config.recadam_anneal_k = 0.5
     config.recadam_anneal_t0 = 250.0

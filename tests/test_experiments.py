@@ -62,6 +62,42 @@ def test_protocols_share_runs():
     assert labels == ["vanilla", "D", "D pruned", "D random", "D lowest-Fisher"]
 
 
+def test_a_regularizer_with_its_own_settings_sets_them_in_its_runs_only():
+    specs = protocols.grid(
+        ["rte"],
+        ["vanilla", "D"],
+        [42],
+        regularizers=["none", ("recadam", {"recadam_anneal_t0": 20})],
+    )
+    plain = [s for s in specs if s.get("regularizer") == "none"]
+    recadam = [s for s in specs if s.get("regularizer") == "recadam"]
+    assert len(plain) == len(recadam) == 2
+    assert all(s.get("recadam_anneal_t0") == 20 for s in recadam)
+    assert all(s.get("recadam_anneal_t0") is None for s in plain)
+    # The runs without it are the same runs (same ids) as in a protocol that never named it.
+    assert plain == protocols.grid(["rte"], ["vanilla", "D"], [42])
+    labels = [protocols.method_label(dict(s.overrides)) for s in recadam]
+    assert labels == [
+        "vanilla + recadam (recadam_anneal_t0=20)",
+        "D + recadam (recadam_anneal_t0=20)",
+    ]
+
+
+def test_sweep_rejects_a_setting_that_is_not_the_regularizers_own():
+    out = subprocess.run(
+        [sys.executable, "sweep.py", "--protocol=fewshot", "--regularizers=recadam:mixout_p=0.5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: --regularizers: ['mixout_p'] are not settings of 'recadam' (its keys: "
+        "['recadam_anneal_fun', 'recadam_anneal_k', 'recadam_anneal_t0', 'recadam_anneal_w', "
+        "'recadam_pretrain_cof'])."
+    ]
+
+
 def test_domain_leaves_out_the_source_set():
     sets = {"snli": "/a/snli.jsonl", "mnli_m": "/b/mnli.jsonl", "sick": "/c/SICK.txt"}
     protocol = protocols.domain(["snli"], ["D"], [42], sets, train_samples=100)

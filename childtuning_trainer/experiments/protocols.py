@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from childtuning_trainer.experiments.store import RunSpec
+from childtuning_trainer.regularizers import KEYS as REGULARIZER_KEYS
+
+# A regulariser on a sweep axis: its name, or its name with its own settings (config keys).
+RegularizerChoice = str | tuple[str, Mapping[str, Any]]
 
 # The official run scripts' seeds.
 OFFICIAL_SEEDS = (42, 52, 57, 63, 78, 96, 127, 140, 298, 375)
@@ -65,7 +69,10 @@ def method_label(overrides: dict[str, Any]) -> str:
         label += RULE_LABELS.get(rule, f" {rule}")
         label += " pruned" if overrides.get("prune") else ""
     regularizer = overrides.get("regularizer", "none")
-    return label if regularizer == "none" else f"{label} + {regularizer}"
+    if regularizer == "none":
+        return label
+    own = [f"{k}={overrides[k]}" for k in REGULARIZER_KEYS.get(regularizer, ()) if k in overrides]
+    return f"{label} + {regularizer}" + (f" ({', '.join(own)})" if own else "")
 
 
 def grid(
@@ -75,21 +82,24 @@ def grid(
     *,
     learning_rates: Sequence[float | None] = (None,),
     reserve_ps: Sequence[float | None] = (None,),
-    regularizers: Sequence[str] = ("none",),
+    regularizers: Sequence[RegularizerChoice] = ("none",),
     train_samples: int = 0,
     **extra: Any,
 ) -> list[RunSpec]:
     """Every combination, seeds innermost-but-one so that early results cover every method.
 
     ``None`` in ``learning_rates`` / ``reserve_ps`` keeps the base configuration's value (the
-    authors' reserve_p per task); vanilla runs ignore ``reserve_ps``.
+    authors' reserve_p per task); vanilla runs ignore ``reserve_ps``. A regulariser given as
+    ``(name, settings)`` sets its own config keys in its runs only (e.g. RecAdam's ``t0`` scaled
+    to a short run), so the runs without it stay shared with other protocols.
     """
     specs: list[RunSpec] = []
     for seed, task, lr, regularizer, mode in itertools.product(
         seeds, tasks, learning_rates, regularizers, modes
     ):
         for p in reserve_ps if mode != "vanilla" else (None,):
-            overrides = {"task": task, "mode": mode, "seed": seed, "regularizer": regularizer}
+            name, own = (regularizer, {}) if isinstance(regularizer, str) else regularizer
+            overrides = {"task": task, "mode": mode, "seed": seed, "regularizer": name, **own}
             overrides["max_train_samples"] = train_samples
             if lr is not None:
                 overrides["learning_rate"] = lr
