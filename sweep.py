@@ -17,6 +17,7 @@ from absl import app, flags
 
 from childtuning_trainer import recipe, regularizers, tasks
 from childtuning_trainer.experiments import protocols, report, sweep
+from childtuning_trainer.tasks import nli
 
 PROTOCOLS = ("seeds", "fewshot", "pruning", "domain", "taskgen")
 GLUE_DIR, NLI_DIR = os.path.join("..", "shared", "glue"), os.path.join("..", "shared", "nli")
@@ -51,13 +52,17 @@ _TARGET_SAMPLES = flags.DEFINE_integer(
 )
 _EVAL_SETS = flags.DEFINE_list(
     "eval_sets",
-    [
-        f"snli={NLI_DIR}/snli/dev.jsonl",
-        f"mnli_m={NLI_DIR}/mnli/dev_matched.jsonl",
-        f"sick={NLI_DIR}/sick/SICK.txt",
-    ],
-    "domain: NAME=FILE evaluation sets; the one named like the source task is left out.",
+    [],
+    "domain: NAME=FILE (or NAME=hub:KEY) evaluation sets; the one named like the source task is "
+    f"left out. Default: the SNLI, MNLI and SICK files in {NLI_DIR} when present, else the hub's "
+    "SNLI, MNLI matched and mismatched, SICK, SciTail and QQP.",
 )
+LOCAL_EVAL_SETS = [
+    f"snli={NLI_DIR}/snli/dev.jsonl",
+    f"mnli_m={NLI_DIR}/mnli/dev_matched.jsonl",
+    f"sick={NLI_DIR}/sick/SICK.txt",
+]
+HUB_EVAL_SETS = [f"{key}=hub:{key}" for key in nli.HUB_EVAL_SETS]
 _SET = flags.DEFINE_list("set", [], "KEY=VALUE config overrides for every run (they name it).")
 _CONFIG = flags.DEFINE_string("config", "configs/glue.py", "The base configuration file.")
 _DATA_DIR = flags.DEFINE_string(
@@ -142,7 +147,8 @@ def build_protocol() -> protocols.Protocol:
         lrs = axes["learning_rates"]
         return protocols.pruning(tasks, seeds, name=name, learning_rates=lrs, **samples)
     if kind == "domain":
-        eval_sets = key_values(_EVAL_SETS.value, "eval_sets")
+        default = LOCAL_EVAL_SETS if os.path.isdir(NLI_DIR) else HUB_EVAL_SETS
+        eval_sets = key_values(_EVAL_SETS.value or default, "eval_sets")
         return protocols.domain(
             _TASKS.value or ["snli"],
             _MODES.value,

@@ -3,9 +3,10 @@
 ``config.extra_eval`` is ``"name=path,name=path"`` (names of letters, digits, ``_``, ``.`` and
 ``-``; paths without commas). A file whose first line starts with ``pair_ID`` is read as the
 original ``SICK.txt`` and scored on its TEST split; any other file as NLI JSON lines
-(``tasks.nli.read_jsonl``: three-way or two-way labels). The trained task must be an NLI task:
-its labels are the three-way or the two-way NLI set (``snli``, ``mnli_m``, ``sick``, GLUE's
-``mnli``, ``rte``, ``qnli``).
+(``tasks.nli.read_jsonl``: three-way or two-way labels). ``hub:KEY`` names a set on the hub
+(``tasks.nli.HUB_EVAL_SETS``: snli, mnli_m, mnli_mm, sick, and the two-way scitail and qqp).
+The trained task must be an NLI task: its labels are the three-way or the two-way NLI set
+(``snli``, ``mnli_m``, ``sick``, GLUE's ``mnli``, ``rte``, ``qnli``).
 
 Labels are merged when the model and the set disagree in the number of ways: a three-way model
 on a two-way set predicts not_entailment when it predicts neutral or contradiction; on a three-way
@@ -29,6 +30,7 @@ from childtuning_trainer.tasks import DataError, Examples, Task, nli
 from childtuning_trainer.tokenization import tokenize
 
 LABEL_SETS = (nli.LABELS_3, nli.LABELS_2)
+HUB_PREFIX = "hub:"
 _NAME = re.compile(r"[\w.-]+")
 
 
@@ -73,7 +75,11 @@ def check_config(spec: str, task: Task) -> list[tuple[str, str]]:
 
 
 def read_set(name: str, path: str) -> ExtraSet:
-    """Reads one extra set: SICK.txt (its TEST split) or NLI JSON lines."""
+    """Reads one extra set: ``hub:KEY`` (``nli.HUB_EVAL_SETS``), SICK.txt (its TEST split) or
+    NLI JSON lines."""
+    if path.startswith(HUB_PREFIX):
+        examples, labels = nli.load_hub_eval_set(path[len(HUB_PREFIX) :])
+        return ExtraSet(name, path, examples, labels)
     if not os.path.isfile(path):
         raise DataError(f"config.extra_eval {name!r}: no file {path!r}.")
     if nli.is_sick_file(path):

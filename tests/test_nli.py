@@ -308,3 +308,71 @@ def test_extra_sets_are_scored_after_training_and_on_a_finished_run(tmp_path):
     assert later["history"] == results["history"]
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(later_params), strict=True):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets on the hub (``name=hub:KEY``), with the hub's schemas served from memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _serve_hub(monkeypatch, splits):
+    """``datasets.load_dataset`` answering with in-memory ``{split: Dataset}``; records calls."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, revision=None):
+        calls.append((name, config, revision))
+        return datasets.DatasetDict(splits)
+
+    monkeypatch.setattr(nli.data.datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_set_with_string_labels_is_read_by_name_two_way(monkeypatch):
+    import datasets
+
+    test = datasets.Dataset.from_dict(
+        {"premise": ["p1", "p2", "p3"], "hypothesis": ["h1", "h2", "h3"]}
+        | {"label": ["entails", "neutral", "Entails"]}
+    )
+    calls = _serve_hub(monkeypatch, {"test": test})
+    extra = extra_eval.read_set("scitail", "hub:scitail")
+    assert calls == [("allenai/scitail", "tsv_format", None)]
+    assert extra.labels == nli.LABELS_2
+    assert extra.examples.text_a == ["p1", "p2", "p3"] and extra.examples.text_b == [
+        "h1",
+        "h2",
+        "h3",
+    ]
+    np.testing.assert_array_equal(extra.examples.labels, [0, 1, 0])
+
+
+def test_hub_set_with_class_labels_maps_names_and_drops_unlabelled(monkeypatch):
+    import datasets
+
+    qqp = datasets.Dataset.from_dict(
+        {"question1": ["a", "b", "c"], "question2": ["x", "y", "z"], "label": [1, 0, -1]},
+        features=datasets.Features(
+            question1=datasets.Value("string"),
+            question2=datasets.Value("string"),
+            label=datasets.ClassLabel(names=["not_duplicate", "duplicate"]),
+        ),
+    )
+    _serve_hub(monkeypatch, {"validation": qqp})
+    examples, labels = nli.load_hub_eval_set("qqp")
+    assert labels == nli.LABELS_2 and examples.text_a == ["a", "b"]
+    np.testing.assert_array_equal(examples.labels, [0, 1])  # duplicate = entailment
+
+
+def test_hub_set_with_an_unknown_label_or_key_is_one_clear_error(monkeypatch):
+    import datasets
+
+    test = datasets.Dataset.from_dict(
+        {"premise": ["p"], "hypothesis": ["h"], "label": ["contradicts"]}
+    )
+    _serve_hub(monkeypatch, {"test": test})
+    with pytest.raises(DataError, match=r"allenai/scitail/tsv_format \(test\): unknown label"):
+        nli.load_hub_eval_set("scitail")
+    with pytest.raises(DataError, match="No hub evaluation set 'nope'; known: snli, mnli_m"):
+        extra_eval.read_set("x", "hub:nope")

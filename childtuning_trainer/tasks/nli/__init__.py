@@ -1,11 +1,13 @@
 """NLI beyond GLUE: SNLI, MNLI matched and SICK tasks, and readers of NLI JSON-lines files."""
 
 from childtuning_trainer.tasks.nli.data import (
+    HUB_EVAL_SETS,
     LABELS_2,
     LABELS_3,
     NliDataError,
     fixed_split,
     is_sick_file,
+    load_hub_eval_set,
     load_hub_splits,
     load_local_splits,
     read_jsonl,
@@ -15,6 +17,7 @@ from childtuning_trainer.tasks.nli.data import (
 from childtuning_trainer.tasks.nli.tasks import TASKS, DevSet, NliTask
 
 __all__ = [
+    "HUB_EVAL_SETS",
     "LABELS_2",
     "LABELS_3",
     "TASKS",
@@ -23,6 +26,7 @@ __all__ = [
     "NliTask",
     "fixed_split",
     "is_sick_file",
+    "load_hub_eval_set",
     "load_hub_splits",
     "load_local_splits",
     "read_jsonl",

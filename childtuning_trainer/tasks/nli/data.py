@@ -220,25 +220,33 @@ class HubSource(NamedTuple):
     revision: str | None = None
 
 
-def load_hub_splits(task: NliTask) -> tuple[Examples, list[Examples]]:
-    """``task``'s training and dev splits from the hub; unlabelled (-1) examples are dropped."""
-    hub = task.hub
-    what = hub.dataset + (f"/{hub.config}" if hub.config else "")
+def load_hub_dataset(
+    dataset: str, config: str | None, revision: str | None, instead: str
+) -> datasets.DatasetDict:
+    """A hub dataset, or one clear :class:`NliDataError` (``instead``: what to use without one)."""
+    what = dataset + (f"/{config}" if config else "")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     if not offline and not hub_resolves(host):
         raise NliDataError(
-            f"Cannot reach the hub ({host}) to load {what}: set --config.data_dir to a folder of "
-            "NLI files (e.g. ../shared/nli), or HF_HUB_OFFLINE=1 to use a cached copy."
+            f"Cannot reach the hub ({host}) to load {what}: {instead}, or HF_HUB_OFFLINE=1 to use "
+            "a cached copy."
         )
     try:
-        ds = datasets.load_dataset(hub.dataset, hub.config, revision=hub.revision)
+        return datasets.load_dataset(dataset, config, revision=revision)
     except Exception as e:  # noqa: BLE001 - offline, missing cache, hub errors: one clear line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NliDataError(
-            f"Cannot load {what} from the hub ({reason}); without network, set "
-            "--config.data_dir to a folder of NLI files (e.g. ../shared/nli)."
+            f"Cannot load {what} from the hub ({reason}); without network, {instead}."
         ) from e
+
+
+def load_hub_splits(task: NliTask) -> tuple[Examples, list[Examples]]:
+    """``task``'s training and dev splits from the hub; unlabelled (-1) examples are dropped."""
+    hub = task.hub
+    what = hub.dataset + (f"/{hub.config}" if hub.config else "")
+    instead = "set --config.data_dir to a folder of NLI files (e.g. ../shared/nli)"
+    ds = load_hub_dataset(hub.dataset, hub.config, hub.revision, instead)
     names = tuple(ds[hub.train_split].features["label"].names)
     if names != task.labels:
         raise NliDataError(f"{what} has labels {list(names)}; expected {list(task.labels)}.")
@@ -254,3 +262,82 @@ def load_hub_splits(task: NliTask) -> tuple[Examples, list[Examples]]:
 def load_splits(task: NliTask, data_dir: str | None) -> tuple[Examples, list[Examples]]:
     """``task``'s training and dev splits from ``data_dir``, or from the hub if it is empty."""
     return load_local_splits(task, data_dir) if data_dir else load_hub_splits(task)
+
+
+class HubEvalSet(NamedTuple):
+    """An NLI evaluation set on the hub (``config.extra_eval``'s ``name=hub:KEY``).
+
+    Attributes:
+      dataset, config, split, revision: where it is.
+      labels: its label set (``LABELS_3`` or ``LABELS_2``).
+      text_columns: the premise and hypothesis columns.
+      label_names: the hub's label names (class names or strings, lower-cased) -> ``labels``.
+    """
+
+    dataset: str
+    config: str | None
+    split: str
+    labels: tuple[str, ...]
+    text_columns: tuple[str, str] = ("premise", "hypothesis")
+    label_names: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None
+
+
+# The sets of the paper's later domain-generalisation re-run. Two-way sets: SciTail (entails /
+# neutral) and QQP (duplicate / not_duplicate, i.e. paraphrase as entailment).
+HUB_EVAL_SETS: dict[str, HubEvalSet] = {
+    "snli": HubEvalSet("stanfordnlp/snli", None, "validation", LABELS_3),
+    "mnli_m": HubEvalSet("nyu-mll/glue", "mnli", "validation_matched", LABELS_3),
+    "mnli_mm": HubEvalSet("nyu-mll/glue", "mnli", "validation_mismatched", LABELS_3),
+    "sick": HubEvalSet(
+        "RobZamp/sick",
+        None,
+        "test",
+        LABELS_3,
+        ("sentence_A", "sentence_B"),
+        revision="refs/convert/parquet",
+    ),
+    "scitail": HubEvalSet(
+        "allenai/scitail",
+        "tsv_format",
+        "test",
+        LABELS_2,
+        label_names=(("entails", "entailment"), ("neutral", "not_entailment")),
+    ),
+    "qqp": HubEvalSet(
+        "nyu-mll/glue",
+        "qqp",
+        "validation",
+        LABELS_2,
+        ("question1", "question2"),
+        (("duplicate", "entailment"), ("not_duplicate", "not_entailment")),
+    ),
+}
+
+
+def load_hub_eval_set(key: str) -> tuple[Examples, tuple[str, ...]]:
+    """The examples and label set of ``HUB_EVAL_SETS[key]``; unlabelled examples are dropped.
+
+    Labels may be class ids (with their class names) or strings; either is read by name.
+    """
+    if key not in HUB_EVAL_SETS:
+        raise NliDataError(f"No hub evaluation set {key!r}; known: {', '.join(HUB_EVAL_SETS)}.")
+    src = HUB_EVAL_SETS[key]
+    what = src.dataset + (f"/{src.config}" if src.config else "") + f" ({src.split})"
+    instead = "name NLI files in --config.extra_eval"
+    split = load_hub_dataset(src.dataset, src.config, src.revision, instead)[src.split]
+    feature = split.features["label"]
+    class_names = getattr(feature, "names", None)
+    rename = dict(src.label_names)
+    texts_a, texts_b, ids = [], [], []
+    for a, b, raw in zip(*(split[c] for c in src.text_columns), split["label"], strict=True):
+        if raw is None or raw == "" or raw == -1:  # unlabelled
+            continue
+        name = str(class_names[raw] if class_names is not None else raw).lower()
+        name = rename.get(name, name)
+        if name not in src.labels:
+            raise NliDataError(f"{what}: unknown label {raw!r}; expected {list(src.labels)}.")
+        texts_a.append(a)
+        texts_b.append(b)
+        ids.append(src.labels.index(name))
+    return Examples(texts_a, texts_b, np.asarray(ids, np.int32)), src.labels
