@@ -148,6 +148,35 @@ def test_report_tables_mean_and_sample_std_over_seeds(tmp_path, monkeypatch):
     assert (tmp_path / "experiments" / "demo" / "bars_0.png").stat().st_size > 1000
 
 
+def test_regularizer_report_has_a_row_per_regularizer_and_a_column_per_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    specs = []
+    values = {  # (task, regularizer, mode) -> per-seed accuracy
+        ("rte", "none", "vanilla"): [0.50, 0.52],
+        ("rte", "none", "D"): [0.60, 0.62],
+        ("rte", "mixout", "vanilla"): [0.54, 0.56],
+        ("rte", "mixout", "D"): [0.64, 0.66],
+        ("mrpc", "none", "vanilla"): [0.70, 0.70],
+        ("mrpc", "none", "D"): [0.80, 0.80],
+        ("mrpc", "mixout", "vanilla"): [0.72, 0.72],
+    }
+    for (task, reg, mode), vals in values.items():
+        for seed, v in zip((42, 52), vals, strict=True):
+            spec, record = _record(task, mode, seed, v, regularizer=reg)
+            store.save_result(spec, record)
+            specs.append(spec)
+    report.save_protocol(protocols.Protocol("regs", "table", tuple(specs)))
+    text = open(report.write_report("regs")).read()
+    assert "| regulariser | vanilla | D |" in text
+    assert "| none | 51.0 ± 1.4 (2) | 61.0 ± 1.4 (2) |" in text  # rte
+    assert "| mixout | 55.0 ± 1.4 (2) | 65.0 ± 1.4 (2) |" in text
+    assert "| mixout | 72.0 ± 0.0 (2) | – |" in text  # mrpc: D + mixout not run
+    # Average over the two tasks: a cell only where both tasks have it.
+    average = text[text.index("**average over mrpc, rte**") :]
+    assert "| none | 60.5 | 70.5 |" in average and "| mixout | 63.5 | – |" in average
+    assert (tmp_path / "experiments" / "regs" / "bars_0.png").stat().st_size > 1000
+
+
 def test_trivial_column_is_the_mean_over_the_seeds_shown():
     records = []
     for mode in ("vanilla", "D"):

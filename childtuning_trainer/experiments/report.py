@@ -143,6 +143,79 @@ def markdown_table(
     return lines
 
 
+MODE_ORDER = ("vanilla", "F", "D")
+
+
+def by_regularizer(methods: dict) -> dict[str, dict[str, dict]]:
+    """``{regulariser: {mode: stats}}`` from method labels ``MODE`` / ``MODE + REGULARISER``."""
+    table: dict = defaultdict(dict)
+    for label, stats in methods.items():
+        mode, _, regularizer = label.partition(" + ")
+        table[regularizer or "none"][mode] = stats
+    return dict(table)
+
+
+def _regularizer_rows(tasks: dict) -> tuple[list[str], list[str]]:
+    regs = {r for methods in tasks.values() for r in by_regularizer(methods)}
+    modes = {m for methods in tasks.values() for r in by_regularizer(methods).values() for m in r}
+    ordered_modes = [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER))
+    return sorted(regs, key=lambda r: (r != "none", r)), ordered_modes
+
+
+def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
+    """One table per task, rows the regularisers (``none`` first), columns the modes; then the
+    average over tasks of each cell's mean (the paper's Table 3 layout)."""
+    regs, modes = _regularizer_rows(tasks)
+    header = ["| regulariser | " + " | ".join(modes) + " |", "| --- |" + " ---: |" * len(modes)]
+    lines: list[str] = []
+    for task in sorted(tasks):
+        table = by_regularizer(tasks[task])
+        lines += [f"**{task} ({metric_names.get(task, '?')})**", "", *header]
+        for reg in regs:
+            cells = [cell(table.get(reg, {}).get(m)) for m in modes]
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(tasks) > 1:
+        lines += [f"**average over {', '.join(sorted(tasks))}**", "", *header]
+        tables = [by_regularizer(methods) for methods in tasks.values()]
+        for reg in regs:
+            cells = []
+            for m in modes:
+                means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables]
+                cells.append("–" if None in means else f"{np.mean(means):.1f}")
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def regularizer_plot(tasks: dict, title: str, path: str) -> None:
+    """One panel per task: a group per regulariser, a bar per mode (± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regs, modes = _regularizer_rows(tasks)
+    names = sorted(tasks)
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.9 * len(regs) * len(names), 3.6))
+    width = 0.8 / max(len(modes), 1)
+    for ax, task in zip(np.atleast_1d(axes), names, strict=True):
+        table = by_regularizer(tasks[task])
+        for i, m in enumerate(modes):
+            means = [table.get(r, {}).get(m, {}).get("mean", np.nan) for r in regs]
+            stds = [table.get(r, {}).get(m, {}).get("std", 0.0) for r in regs]
+            xs = np.arange(len(regs)) + (i - (len(modes) - 1) / 2) * width
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=m)
+        ax.set_xticks(np.arange(len(regs)), [r.split(" (")[0] for r in regs], rotation=30)
+        ax.set_title(task, fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("dev score x 100 (mean ± std)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def bar_plot(tasks: dict, title: str, path: str) -> None:
     """Bars with error bars (± std over seeds): one group per task, one bar per method."""
     import matplotlib
@@ -221,9 +294,16 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
     lines = []
     for i, (setting, tasks) in enumerate(sorted(summary.items())):
         lines += [f"## Shared setting: {setting}", ""]
-        lines += markdown_table(tasks, metric_names, baselines) + [""]
         png = f"bars_{i}.png"
-        bar_plot(tasks, f"{protocol.name}: {setting}", os.path.join(out_dir, png))
+        title = f"{protocol.name}: {setting}"
+        if any(" + " in m for methods in tasks.values() for m in methods):
+            # Regularisers alone and with F / D: a row per regulariser reads better than a column
+            # per combination.
+            lines += regularizer_tables(tasks, metric_names)
+            regularizer_plot(tasks, title, os.path.join(out_dir, png))
+        else:
+            lines += markdown_table(tasks, metric_names, baselines) + [""]
+            bar_plot(tasks, title, os.path.join(out_dir, png))
         lines += [f"![{setting}]({png})", ""]
     best = best_settings(summary)
     if len(summary) > 1:
