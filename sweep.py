@@ -95,12 +95,12 @@ def parse_value(text: str):
 
 
 def check_names() -> None:
-    """Unknown tasks, modes or regularisers stop the sweep before any run starts."""
+    """Unknown tasks or modes stop the sweep before any run starts (regularisers:
+    :func:`regularizer_choices`)."""
     for name in [*(_TASKS.value or []), *_TARGETS.value]:
         tasks.get_task(name)
     for mode in _MODES.value:
         recipe.check_mode(mode)
-    regularizer_choices()
 
 
 def regularizer_choices() -> list[protocols.RegularizerChoice]:

@@ -193,9 +193,6 @@ def run(*, smoke: bool = False, tasks: tuple[str, ...] = TASKS) -> dict[str, Any
     """The selected tasks, every padding mode side by side."""
     if not os.path.isdir(GLUE_DIR):
         return {"skipped": f"{GLUE_DIR} (the original GLUE files) is not present"}
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"padding: unknown task(s) {unknown}; choose from {list(TASKS)}")
     selected = ("cola",) if smoke else tasks
     out: dict[str, Any] = {
         "max_train_samples": 16 if smoke else SUBSET,

@@ -176,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     padding_tasks = tuple(t for t in args.padding_tasks.split(",") if t) or None
-    if padding_tasks and not set(padding_tasks) <= {"cola", "stsb", "mrpc", "rte"}:
-        parser.error(
-            f"--padding-tasks: choose from cola, stsb, mrpc, rte; got {args.padding_tasks}"
-        )
+    if padding_tasks:
+        from benchmarks.padding import TASKS
+
+        if not set(padding_tasks) <= set(TASKS):
+            parser.error(
+                f"--padding-tasks: choose from {','.join(TASKS)}; got {args.padding_tasks}"
+            )
     out_dir = args.out or (tempfile.mkdtemp(prefix="ctjax-bench-") if args.smoke else records.HERE)
 
     if args.gpu:

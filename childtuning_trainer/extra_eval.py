@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -109,19 +109,6 @@ def merged_accuracy(
     return float(np.mean(preds == gold))
 
 
-def predict(
-    p_eval_step: Callable,
-    params: Any,
-    features: input_pipeline.Batch,
-    devices: Sequence[jax.Device],
-    batch_size: int,
-    padding: input_pipeline.Padding | None,
-) -> np.ndarray:
-    """Predicted label ids of every example of ``features``, in order."""
-    logits = steps.eval_outputs(p_eval_step, params, features, devices, batch_size, padding)
-    return logits.argmax(axis=-1)
-
-
 def evaluate(
     sets: list[ExtraSet],
     model: Model,
@@ -137,7 +124,8 @@ def evaluate(
     p_eval_step = parallel.map_eval_step(steps.make_eval_step(model), devices)
     scores: dict[str, dict[str, float | int]] = {}
     for s in sets:
-        preds = predict(p_eval_step, params, s.features, devices, batch_size, padding)
+        logits = steps.eval_outputs(p_eval_step, params, s.features, devices, batch_size, padding)
+        preds = logits.argmax(axis=-1)
         gold = s.features["labels"]
         accuracy = merged_accuracy(preds, model_labels, gold, s.labels)
         scores[s.name] = {"accuracy": accuracy, "num_examples": len(gold)}

@@ -155,21 +155,23 @@ def by_regularizer(methods: dict) -> dict[str, dict[str, dict]]:
     return dict(table)
 
 
-def _regularizer_rows(tasks: dict) -> tuple[list[str], list[str]]:
-    regs = {r for methods in tasks.values() for r in by_regularizer(methods)}
-    modes = {m for methods in tasks.values() for r in by_regularizer(methods).values() for m in r}
+def _regularizer_tables(tasks: dict) -> tuple[dict, list[str], list[str]]:
+    """``({task: by_regularizer(...)}, regularisers with none first, modes in MODE_ORDER)``."""
+    tables = {task: by_regularizer(methods) for task, methods in tasks.items()}
+    regs = {r for table in tables.values() for r in table}
+    modes = {m for table in tables.values() for row in table.values() for m in row}
     ordered_modes = [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER))
-    return sorted(regs, key=lambda r: (r != "none", r)), ordered_modes
+    return tables, sorted(regs, key=lambda r: (r != "none", r)), ordered_modes
 
 
 def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
     """One table per task, rows the regularisers (``none`` first), columns the modes; then the
     average over tasks of each cell's mean (the paper's Table 3 layout)."""
-    regs, modes = _regularizer_rows(tasks)
+    tables, regs, modes = _regularizer_tables(tasks)
     header = ["| regulariser | " + " | ".join(modes) + " |", "| --- |" + " ---: |" * len(modes)]
     lines: list[str] = []
     for task in sorted(tasks):
-        table = by_regularizer(tasks[task])
+        table = tables[task]
         lines += [f"**{task} ({metric_names.get(task, '?')})**", "", *header]
         for reg in regs:
             cells = [cell(table.get(reg, {}).get(m)) for m in modes]
@@ -177,11 +179,10 @@ def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
         lines.append("")
     if len(tasks) > 1:
         lines += [f"**average over {', '.join(sorted(tasks))}**", "", *header]
-        tables = [by_regularizer(methods) for methods in tasks.values()]
         for reg in regs:
             cells = []
             for m in modes:
-                means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables]
+                means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables.values()]
                 cells.append("–" if None in means else f"{np.mean(means):.1f}")
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -195,12 +196,12 @@ def regularizer_plot(tasks: dict, title: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regs, modes = _regularizer_rows(tasks)
+    tables, regs, modes = _regularizer_tables(tasks)
     names = sorted(tasks)
     fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.9 * len(regs) * len(names), 3.6))
     width = 0.8 / max(len(modes), 1)
     for ax, task in zip(np.atleast_1d(axes), names, strict=True):
-        table = by_regularizer(tasks[task])
+        table = tables[task]
         for i, m in enumerate(modes):
             means = [table.get(r, {}).get(m, {}).get("mean", np.nan) for r in regs]
             stds = [table.get(r, {}).get(m, {}).get("std", 0.0) for r in regs]
@@ -277,7 +278,7 @@ def trivial_scores(records: list[dict]) -> dict[str, float]:
     """``{task: score}``: the trivial predictor's dev score x 100, averaged over seeds.
 
     Each seed draws its own training subset, so the majority class (or the training mean) and its
-    score can differ from seed to seed; the table's column matches the seeds its means are over.
+    score can differ from seed to seed; the mean is over every seed with a finished run of the task.
     """
     per_seed: dict = defaultdict(dict)
     for r in records:

@@ -4,7 +4,8 @@ The GPU machine has no network and takes at most 64 MiB with each call, so this 
 
 * ``minilm/``: the packaged all-MiniLM-L6-v2 with its weights in float16 (45 MB instead of 91);
   ``cast_model.py`` turns them back into float32 there. The float16 rounding is the one deviation
-  of GPU runs from the CPU ones: their weights differ from the checkpoint's by < 2^-11 relative.
+  of GPU runs from the CPU ones: their weights differ from the checkpoint's by at most 2^-11
+  relative (weights in float16's normal range).
 * ``glue/`` and ``nli/``: copies of ``../shared/glue`` (CoLA, RTE, MRPC, STS-B) and
   ``../shared/nli`` (SNLI, MNLI, SICK).
 * ``wheels/``: the trainer's pure-Python dependencies that the machine's image does not hold
