@@ -27,7 +27,7 @@ _NAME = flags.DEFINE_string("name", None, "Report folder under experiments/ (def
 _TASKS = flags.DEFINE_list(
     "tasks",
     None,
-    "Tasks (seeds, fewshot: cola,rte,mrpc,stsb; pruning: rte,mrpc; domain: the source NLI "
+    "Tasks (seeds, fewshot: cola,rte,mrpc,stsb; pruning: cola,mrpc; domain: the source NLI "
     "tasks, snli; taskgen: the source task, mrpc).",
 )
 _TARGETS = flags.DEFINE_list("targets", ["rte", "stsb", "cola"], "taskgen: the target tasks.")
@@ -143,7 +143,7 @@ def build_protocol() -> protocols.Protocol:
         tasks = _TASKS.value or ["cola", "rte", "mrpc", "stsb"]
         return protocols.few_shot(tasks, _MODES.value, seeds, name=name, **samples, **axes, **extra)
     if kind == "pruning":
-        tasks = _TASKS.value or ["rte", "mrpc"]
+        tasks = _TASKS.value or ["cola", "mrpc"]
         lrs = axes["learning_rates"]
         return protocols.pruning(tasks, seeds, name=name, learning_rates=lrs, **samples)
     if kind == "domain":
