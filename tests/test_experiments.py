@@ -54,7 +54,12 @@ def test_protocols_share_runs():
         "mrpc", ["rte", "cola"], ["vanilla", "F", "D"], [42], learning_rates=[1e-4]
     )
     assert set(taskgen.specs) == set(fewshot.specs)
-    assert len(taskgen.probes) == 6
+    # Each source run's probes, then the pretrained encoder's (one reference per seed).
+    assert len(taskgen.probes) == 8
+    reference = taskgen.probes[-1][0]
+    assert dict(reference.overrides) == {"task": "mrpc", "seed": 42, "mode": "pretrained"}
+    assert {protocols.pretrained(s) for s in taskgen.specs} == {reference}
+    assert protocols.method_label(dict(reference.overrides)) == "pretrained"
     pruning = protocols.pruning(["mrpc"], [42], learning_rates=[1e-4])
     d_run = [s for s in fewshot.specs if s.get("mode") == "D"][0]
     assert d_run in pruning.specs
@@ -373,6 +378,40 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     result = probe.probe(record, str(work), "rte", GLUE_DIR, target_samples=20)
     assert result["target"] == "rte" and result["num_train_examples"] == 20
     assert result["num_dev_examples"] == 277 and 0.0 <= result["eval"]["accuracy"] <= 1.0
+    assert result["source_mode"] == "D" and result["source_run_id"] == spec.run_id
+
+    # The reference: the same model before fine-tuning (D changed some encoder weights).
+    from flax import nnx
+
+    from childtuning_jax.models import from_pretrained
+
+    untuned = probe.load_source(record, None)
+    fresh = nnx.to_pure_dict(nnx.state(from_pretrained(model, num_labels=2).bert, nnx.Param))
+    reloaded = nnx.to_pure_dict(nnx.state(untuned.bert, nnx.Param))
+    tuned = nnx.to_pure_dict(nnx.state(module.bert, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, reloaded, fresh)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(tuned), strict=True)
+    )
+    reference = probe.probe(record, None, "rte", GLUE_DIR, target_samples=20)
+    assert reference["source_mode"] == "pretrained" and reference["source_run_id"] is None
+    assert reference["num_dev_examples"] == 277
+
+
+def test_pretrained_reference_takes_a_finished_source_runs_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    taskgen = protocols.task_generalisation("mrpc", ["rte"], ["vanilla", "D"], [42, 52])
+    references = [s for s, _ in taskgen.probes if s.get("mode") == "pretrained"]
+    assert len(references) == 2 and references[0].get("seed") == 42
+    assert probe.finished_source(references[0], taskgen) == (None, None)
+    d_run = [s for s in taskgen.specs if s.get("mode") == "D" and s.get("seed") == 42][0]
+    store.save_result(d_run, {"run_id": d_run.run_id, "config": {"seed": 42}})
+    record, params_path = probe.finished_source(references[0], taskgen)
+    assert record["run_id"] == d_run.run_id and params_path is None
+    assert probe.finished_source(references[1], taskgen) == (None, None)  # seed 52: none yet
+    # A fine-tuned source needs its saved parameters as well as its record.
+    assert probe.finished_source(d_run, taskgen) == (None, None)
 
 
 def test_saved_model_round_trip_and_mismatch(tmp_path):

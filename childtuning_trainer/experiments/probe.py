@@ -5,7 +5,8 @@ new linear classifier is trained on each target task (Xu et al., 2021, Sec. 5.2;
 later paper: AdamW at lr 1e-3, 3 epochs, batch 16). With the encoder frozen and in evaluation mode,
 its pooled output is a fixed feature of each example, so the features are computed once and the
 head trains on them; dropout (the model's classifier rate) applies to the features as in training
-the full model. BERT-family models (a pooler) only.
+the full model. The pretrained encoder, probed the same way, is the reference: what the source
+fine-tuning added to (or took from) each target. BERT-family models (a pooler) only.
 """
 
 from __future__ import annotations
@@ -26,20 +27,29 @@ from flax import nnx
 from childtuning_jax.models import from_pretrained
 from childtuning_trainer import input_pipeline, recipe, saved_model, tasks
 from childtuning_trainer.experiments import report, store, sweep
-from childtuning_trainer.experiments.protocols import PROBE_SETTINGS, Protocol
+from childtuning_trainer.experiments.protocols import (
+    PRETRAINED,
+    PROBE_SETTINGS,
+    Protocol,
+    pretrained,
+)
+from childtuning_trainer.experiments.store import RunSpec
 from childtuning_trainer.objective import example_losses
 from childtuning_trainer.tasks import metrics as task_metrics
 
 FEATURE_BATCH = 32
 
 
-def load_source(record: dict, params_path: str) -> nnx.Module:
-    """The source run's fine-tuned model (its architecture and head, its saved parameters)."""
+def load_source(record: dict, params_path: str | None) -> nnx.Module:
+    """The source run's fine-tuned model (its architecture and head, its saved parameters), or
+    with ``params_path=None`` its pretrained model before fine-tuning (a fresh head)."""
     config = record["config"]
     task = tasks.get_task(config["task"])
-    with warnings.catch_warnings():  # its head is replaced by the saved one below
+    with warnings.catch_warnings():  # its head is replaced by the saved one, or never used
         warnings.filterwarnings("ignore", "newly initialised")
         module = from_pretrained(config["model"], num_labels=task.num_labels, seed=config["seed"])
+    if params_path is None:
+        return module
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     params = saved_model.load_params(params_path, params)
     return nnx.merge(graphdef, params, rest)
@@ -121,9 +131,10 @@ def train_head(
 
 
 def probe(
-    record: dict, params_path: str, target: str, data_dir: str, target_samples: int = 0
+    record: dict, params_path: str | None, target: str, data_dir: str, target_samples: int = 0
 ) -> dict[str, Any]:
-    """Trains a new head for ``target`` on the source run's frozen encoder; returns its result."""
+    """Trains a new head for ``target`` on the source run's frozen encoder (``params_path=None``:
+    on its pretrained encoder, the reference); returns its result."""
     config = record["config"]
     task = tasks.get_task(target)
     train, dev = task.load_splits(data_dir or None)
@@ -143,9 +154,10 @@ def probe(
     preds = task_metrics.predictions(task, logits)
     scores = task_metrics.compute_metrics(task, preds, data.dev[0]["labels"])
     return {
-        "source_run_id": record["run_id"],
+        "source_run_id": None if params_path is None else record["run_id"],
         "source_task": config["task"],
-        "source_mode": config["mode"],
+        "source_mode": PRETRAINED if params_path is None else config["mode"],
+        "model": config["model"],
         "target": task.name,
         "metric": task.metrics[0],
         "eval": scores,
@@ -153,6 +165,20 @@ def probe(
         "num_dev_examples": len(dev_x),
         "settings": {**PROBE_SETTINGS, "dropout": rate, "target_samples": target_samples},
     }
+
+
+def finished_source(spec: RunSpec, protocol: Protocol) -> tuple[dict | None, str | None]:
+    """A probe source's result record and parameters folder; no record if it has not finished.
+
+    The pretrained reference has no parameters of its own: its record (model, seed, lengths) is
+    that of a finished source run of ``protocol`` that shares them."""
+    if spec.get("mode") == PRETRAINED:
+        records = (store.load_result(s) for s in protocol.specs if pretrained(s) == spec)
+        return next((r for r in records if r is not None), None), None
+    params_path = os.path.join(store.WORK_DIR, spec.run_id)
+    if not os.path.exists(os.path.join(params_path, saved_model.FILENAME)):
+        return None, None
+    return store.load_result(spec), params_path
 
 
 def run_probes(
@@ -171,9 +197,8 @@ def run_probes(
         path = report.probe_path(spec, target)
         if os.path.exists(path):
             continue
-        record = store.load_result(spec)
-        params_path = os.path.join(store.WORK_DIR, spec.run_id)
-        if record is None or not os.path.exists(os.path.join(params_path, saved_model.FILENAME)):
+        record, params_path = finished_source(spec, protocol)
+        if record is None:
             failures.append(f"probe {spec.run_id} -> {target}: the source run has not finished")
             print(f"  {failures[-1]}", flush=True)
             continue

@@ -11,7 +11,7 @@ trained once.
 * ``domain``: train on a subset of one NLI set, score in-domain on held-apart examples and on every
   other NLI set given (``extra_eval``).
 * ``taskgen``: fine-tune on a source task, then train only a new linear head on each target task
-  on the frozen encoder (:mod:`.probe`).
+  on the frozen encoder (:mod:`.probe`); the pretrained encoder is probed too, as the reference.
 * ``pruning``: ChildTuning-D against its ablations: the pruned child network, a random child
   network of the same size, and the lowest-Fisher child network.
 """
@@ -36,6 +36,10 @@ FEW_SHOT_EXAMPLES = 1000
 SWEEP_SETTINGS = {"eval_every_epoch": False}
 # Task generalisation's linear head (the setting of a later paper: lr 1e-3, 3 epochs, batch 16).
 PROBE_SETTINGS = {"learning_rate": 1e-3, "num_train_epochs": 3, "batch_size": 16}
+# Task generalisation's reference source: the pretrained encoder itself, before any fine-tuning.
+PRETRAINED = "pretrained"
+# The settings of a source run that its pretrained reference shares (the rest is fine-tuning).
+PRETRAINED_KEYS = ("task", "seed", "model", "max_seq_length")
 
 # The pruning protocol's variants of ChildTuning-D: label -> overrides.
 PRUNING_VARIANTS: dict[str, dict[str, Any]] = {
@@ -160,6 +164,12 @@ def domain(
     return Protocol(name, "domain", tuple(specs), settings=settings)
 
 
+def pretrained(spec: RunSpec) -> RunSpec:
+    """The reference source of a task-generalisation run: its model and seed, not fine-tuned."""
+    kept = {k: v for k, v in spec.overrides if k in PRETRAINED_KEYS}
+    return RunSpec.of(**kept, mode=PRETRAINED)
+
+
 def task_generalisation(
     source: str,
     targets: Sequence[str],
@@ -171,8 +181,10 @@ def task_generalisation(
     target_samples: int = 0,
     **axes: Any,
 ) -> Protocol:
-    """Fine-tune ``source`` (the few-shot runs, shared with ``fewshot``), then probe each target."""
+    """Fine-tune ``source`` (the few-shot runs, shared with ``fewshot``), then probe each target;
+    the pretrained encoder of each seed is probed too, as the reference (see :func:`pretrained`)."""
     specs = grid([source], modes, seeds, train_samples=train_samples, **axes)
-    probes = tuple((spec, target) for spec in specs for target in targets)
+    references = list(dict.fromkeys(pretrained(spec) for spec in specs))
+    probes = tuple((spec, target) for spec in [*specs, *references] for target in targets)
     settings = {**PROBE_SETTINGS, "target_samples": target_samples, "source": source}
     return Protocol(name, "taskgen", tuple(specs), probes, settings)

@@ -115,7 +115,7 @@ def best_settings(summary: dict) -> dict:
 
 
 def _methods(tables: dict) -> list[str]:
-    order = ["vanilla", "F", "D", "D pruned", "D random", "D lowest-Fisher"]
+    order = ["pretrained", "vanilla", "F", "D", "D pruned", "D random", "D lowest-Fisher"]
     found = {m for methods in tables.values() for m in methods}
     return [m for m in order if m in found] + sorted(found - set(order))
 
@@ -374,6 +374,7 @@ def _taskgen_report(protocol: Protocol, records: list[dict], out_dir: str) -> tu
     lines = ["## Source-task runs", ""]
     lines += _table_report(protocol, records, out_dir)[0]
     lines += ["## Linear probes on the frozen encoder, by source method", ""]
+    lines += ["`pretrained`: the encoder before fine-tuning, the reference.", ""]
     if tasks:
         lines += markdown_table(tasks, metric_names) + [""]
         bar_plot(tasks, f"{protocol.name}: linear probes", os.path.join(out_dir, "probes.png"))
