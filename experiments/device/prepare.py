@@ -83,8 +83,8 @@ def main() -> None:
     download_wheels(os.path.join(OUT, "wheels"))
     print(f"{OUT}: {size_mib(OUT):.1f} MiB (a device call carries at most 64 MiB with the repo)")
     print(
-        "device run: command='bash experiments/device/run.sh --protocol=fewshot "
-        "--name=fewshot_gpu --seeds=63,78,96 --learning_rates=1e-4', carry=['.device']"
+        "device run: command='WORKERS=12 BUDGET_S=510 bash experiments/device/run.sh "
+        "experiments/device/queue.txt', carry=['.device'], timeout_s=600"
     )
 
 

@@ -1,25 +1,82 @@
 #!/usr/bin/env bash
-# On a lent GPU machine (device tool, carry=[".device"] made by prepare.py): one sweep.py command,
-# time-boxed, its results packed into $OUT. Arguments go to sweep.py; BUDGET_S (default 480) stops
-# the sweep in time to pack (an unfinished run resumes from its checkpoint in a later call only if
-# the machine is still warm; its finished runs are in the archive either way).
+# On a lent GPU machine (device tool, carry=[".device"] made by prepare.py): sweeps, time-boxed,
+# their finished runs packed into $OUT.
+#
+#   bash experiments/device/run.sh QUEUE_FILE      # one sweep.py argument list per line, in order
+#   bash experiments/device/run.sh SWEEP_ARGS...   # a single sweep
+#
+# WORKERS (default 1) sweep processes share the GPU; each works through the lines in order, and a
+# run goes to whichever takes its lock first (sweep.py), so a line's leftover runs are shared out
+# and idle workers move on. BUDGET_S (default 480) stops them in time to pack; runs finished by
+# then are in the archive, unfinished ones are lost with the machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# Several JAX processes on one GPU: each takes a share of its memory instead of 75 %.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.05}
 "$PY" -c "import ml_collections, datasets, tensorboardX" 2>/dev/null \
   || "$PY" -m pip install --quiet --no-index --no-deps .device/wheels/*.whl
-"$PY" -c "import jax; print('devices:', jax.devices())"
+"$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 "$PY" experiments/device/cast_model.py .device/minilm /tmp/minilm
-# The model joins the command's --set (it names the runs: GPU runs never mix with the CPU ones).
-args=() model_set=""
-for a in "$@"; do
-  case "$a" in --set=*) args+=("$a,model=/tmp/minilm"); model_set=1 ;; *) args+=("$a") ;; esac
+
+if [ $# -eq 1 ] && [ -f "$1" ]; then
+  mapfile -t lines < <(grep -v '^\s*\(#\|$\)' "$1")
+else
+  lines=("$*")
+fi
+
+# The model joins each line's --set (it names the runs: GPU runs never mix with the CPU ones).
+sweep_args() {
+  local a model_set="" out=()
+  for a in $1; do
+    case "$a" in --set=*) out+=("$a,model=/tmp/minilm"); model_set=1 ;; *) out+=("$a") ;; esac
+  done
+  [ -n "$model_set" ] || out+=("--set=model=/tmp/minilm")
+  echo "${out[@]}" --data_dir=.device/glue --nli_dir=.device/nli
+}
+
+worker() {
+  local line
+  for line in "${lines[@]}"; do
+    echo "=== $(date +%T) $line"
+    # shellcheck disable=SC2046
+    "$PY" sweep.py $(sweep_args "$line")
+    echo "=== $(date +%T) exit status $?"
+  done
+}
+
+mkdir -p "$OUT" runs
+start=$SECONDS
+pids=()
+for w in $(seq "${WORKERS:-1}"); do
+  setsid bash -c "$(declare -f sweep_args worker); PY='$PY'; lines=($(printf '%q ' "${lines[@]}")); worker" \
+    > "runs/device_worker_$w.log" 2>&1 &
+  pids+=($!)
+  sleep 2
 done
-[ -n "$model_set" ] || args+=("--set=model=/tmp/minilm")
-timeout "${BUDGET_S:-480}" "$PY" sweep.py "${args[@]}" --data_dir=.device/glue --nli_dir=.device/nli
-echo "sweep exit status $?"
-mkdir -p "${OUT:-/tmp/out}"
-tar czf "${OUT:-/tmp/out}/experiments.tgz" experiments/runs experiments/*/report.md \
-  experiments/*/summary.json experiments/*/protocol.json
-ls -la "${OUT:-/tmp/out}"
+while [ $((SECONDS - start)) -lt "${BUDGET_S:-480}" ]; do
+  alive=0
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ "$alive" = 1 ] || break
+  # Stop early (and keep the machine's time) when runs only fail.
+  finished=$(cat runs/device_worker_*.log | grep -c "  done in")
+  failed=$(cat runs/device_worker_*.log | grep -c "  failed:")
+  if [ "$finished" = 0 ] && [ "$failed" -ge "${WORKERS:-1}" ]; then
+    echo "the first $failed runs failed: stopping"
+    break
+  fi
+  sleep 5
+done
+for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done
+sleep 3
+echo "workers stopped after $((SECONDS - start)) s"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+grep -h "done in\|failed" runs/device_worker_*.log | sort | uniq -c | sort -rn | head -5
+# Logs of runs that failed (no result): the last lines of each.
+for d in runs/sweep/*/; do
+  [ -f "$d/results.json" ] || { echo "--- $d"; grep -v "it/s\]\|s/it\]" "$d/log.txt" | tail -5; }
+done > runs/device_unfinished.txt 2>/dev/null
+tar czf "$OUT/experiments.tgz" experiments/runs experiments/*/protocol.json runs/device_*
+ls -la "$OUT"
