@@ -73,6 +73,7 @@ for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done
 sleep 3
 echo "workers stopped after $((SECONDS - start)) s"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+du -sh .jax_cache 2>/dev/null  # the compilation cache: could a later call carry it?
 grep -h "done in\|failed" runs/device_worker_*.log | sort | uniq -c | sort -rn | head -5
 # Logs of runs that failed (no result): the last lines of each.
 for d in runs/sweep/*/; do
