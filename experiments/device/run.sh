@@ -48,6 +48,9 @@ worker() {
 }
 
 mkdir -p "$OUT" runs
+# Runs finished or failed so far, over every worker's log.
+count() { cat runs/device_worker_*.log | grep -c "  $1"; }
+
 start=$SECONDS
 pids=()
 for w in $(seq "${WORKERS:-1}"); do
@@ -61,9 +64,8 @@ while [ $((SECONDS - start)) -lt "${BUDGET_S:-480}" ]; do
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
   [ "$alive" = 1 ] || break
   # Stop early (and keep the machine's time) when runs only fail.
-  finished=$(cat runs/device_worker_*.log | grep -c "  done in")
-  failed=$(cat runs/device_worker_*.log | grep -c "  failed:")
-  if [ "$finished" = 0 ] && [ "$failed" -ge "${WORKERS:-1}" ]; then
+  failed=$(count "failed:")
+  if [ "$(count "done in")" = 0 ] && [ "$failed" -ge "${WORKERS:-1}" ]; then
     echo "the first $failed runs failed: stopping"
     break
   fi
@@ -74,10 +76,10 @@ sleep 3
 echo "workers stopped after $((SECONDS - start)) s"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
 du -sh .jax_cache 2>/dev/null  # the compilation cache: could a later call carry it?
-grep -h "done in\|failed" runs/device_worker_*.log | sort | uniq -c | sort -rn | head -5
-# Logs of runs that failed (no result): the last lines of each.
+echo "runs finished: $(count "done in"), failed: $(count "failed:")"
+# Logs of the runs without a result (failed or stopped): the last lines of each, progress bars out.
 for d in runs/sweep/*/; do
-  [ -f "$d/results.json" ] || { echo "--- $d"; grep -v "it/s\]\|s/it\]" "$d/log.txt" | tail -5; }
+  [ -f "$d/results.json" ] || { echo "--- $d"; tr '\r' '\n' < "$d/log.txt" | grep -v "it/s\]\|s/it\]\|examples/s\]" | tail -5; }
 done > runs/device_unfinished.txt 2>/dev/null
 tar czf "$OUT/experiments.tgz" experiments/runs experiments/*/protocol.json runs/device_*
 ls -la "$OUT"
