@@ -71,6 +71,11 @@ _DATA_DIR = flags.DEFINE_string(
 _NLI_DIR = flags.DEFINE_string(
     "nli_dir", None, "NLI folder for domain (default ../shared/nli when present, else the hub)."
 )
+_FISHER_CACHE = flags.DEFINE_string(
+    "fisher_cache_dir",
+    sweep.FISHER_CACHE_DIR,
+    "Where ChildTuning-D runs store and share their Fisher passes (empty: off).",
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
 
 
@@ -217,15 +222,16 @@ def main(argv: list[str]) -> None:
         return
     report.save_protocol(protocol)
     refresh = lambda: report.write_report(protocol.name)
-    kwargs = {
-        "config_file": _CONFIG.value,
-        "settings": {"data_dir": data_dir},
-        "data_dirs": data_dirs,
-    }
+    # Settings do not name a run: a D run of the same task, seed and subset loads the Fisher pass
+    # another run stored (the same arrays; see childtuning_trainer.fisher_cache).
+    settings = {"data_dir": data_dir}
+    if _FISHER_CACHE.value:
+        settings["fisher_cache_dir"] = os.path.abspath(_FISHER_CACHE.value)
+    kwargs = {"config_file": _CONFIG.value, "settings": settings, "data_dirs": data_dirs}
     # Domain runs keep their final checkpoint: `train.py <command> --config.extra_eval=...` then
     # scores further evaluation sets without training again.
     if protocol.kind == "domain":
-        kwargs.update(keep_checkpoints=True, settings={"data_dir": data_dir, "keep_checkpoints": 1})
+        kwargs.update(keep_checkpoints=True, settings={**settings, "keep_checkpoints": 1})
     _, failures = sweep.run_all(protocol.specs, on_result=refresh, **kwargs)
     if protocol.probes:
         from childtuning_trainer.experiments import probe

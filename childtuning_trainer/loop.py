@@ -63,7 +63,7 @@ def load_model(config: ml_collections.ConfigDict, task: Task) -> tuple[Model, An
         dtype=COMPUTE_DTYPES[config.dtype],
     )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return Model(graphdef, rest, task.num_labels), params
+    return Model(graphdef, rest, task.num_labels, module.config.to_json_string()), params
 
 
 def has_dropout(config: ml_collections.ConfigDict) -> bool:
@@ -185,14 +185,24 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     mask = None
     if config.mode == "D":
         start = time.perf_counter()
+        sources: list[str] = []
         mask = recipe.child_mask(
-            config, run.objective, params, run.data, run.reserve_p, run.devices
+            config,
+            run.objective,
+            params,
+            run.data,
+            run.reserve_p,
+            run.devices,
+            architecture=run.model.architecture,
+            sources=sources,
         )
         meta["fisher_time_s"] = time.perf_counter() - start
+        meta["fisher_source"] = sources[0] if sources else None
         meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
         summary = recipe.mask_summary(mask, run.reserve_p)
         meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]
         summary["fisher_time_s"] = meta["fisher_time_s"]
+        summary["fisher_source"] = meta["fisher_source"]
         outputs.write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)
         print(
             f"Fisher information: {meta['fisher_time_s']:.1f}s; child network keeps "
@@ -324,6 +334,7 @@ def results_of(run: Run, meta: dict) -> dict:
         "baseline": {"predictor": predictor, "eval": baseline},
         "extra_eval": meta.get("extra_eval", {}),
         "fisher_time_s": meta["fisher_time_s"],
+        "fisher_source": meta.get("fisher_source"),
         "train_time_s": meta["train_time_s"],
         "epoch_train_time_s": meta.get("epoch_train_time_s", []),
         "eval_time_s": meta["eval_time_s"],

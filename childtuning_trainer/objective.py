@@ -33,6 +33,7 @@ class Model:
     graphdef: Any
     rest: Any
     num_labels: int
+    architecture: str | None = None  # the ``transformers`` config as JSON (keys the Fisher cache)
 
     def apply(
         self, params: Any, batch: dict, *, dropout_rng: jax.Array | None, **kwargs

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,7 +64,7 @@ from childtuning_jax import (
     top_k_layers_mask,
 )
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import input_pipeline, regularizers, steps
+from childtuning_trainer import fisher_cache, input_pipeline, regularizers, steps
 from childtuning_trainer.objective import Objective, weighted_sum
 from childtuning_trainer.regularizers import Regularizer, hold_anchor
 
@@ -365,6 +366,9 @@ def fisher_pass(
     params: Any,
     data: input_pipeline.TaskData,
     devices: Sequence[jax.Device],
+    *,
+    architecture: str | None = None,
+    sources: list[str] | None = None,
 ) -> Any:
     """Fisher information over the training set, as the official code computes it.
 
@@ -374,6 +378,10 @@ def fisher_pass(
     one, with its own mean). Batches are padded as the training batches are; see
     ``input_pipeline.fisher_batches``. ``devices``: the run's (a ``parallel.Layout``, every
     process's devices); the result is the same host arrays in every process.
+
+    With ``config.fisher_cache_dir`` and ``architecture`` (the model's config as JSON), a single
+    process loads the pass from :mod:`childtuning_trainer.fisher_cache` when the same inputs were
+    computed before, and stores it otherwise; ``sources`` gets ``"cache"`` or ``"computed"``.
     """
     dropout_rng = None
     if config.dropout is None or config.dropout > 0:
@@ -384,18 +392,45 @@ def fisher_pass(
     )
     stream = input_pipeline.FISHER_STREAM
     order = indices[input_pipeline.epoch_order(config.seed, 0, len(indices), stream)]
-    batches = input_pipeline.fisher_batches(
+    make_batches = lambda: input_pipeline.fisher_batches(
         data.train, order, batch_size, len(devices), data.padding
     )
+    cache_dir = config.get("fisher_cache_dir", "")
+    key = None
+    if cache_dir and architecture is not None and jax.process_count() == 1:
+        settings = {
+            "task": config.task,
+            "model": config.model,
+            "architecture": architecture,
+            "dtype": config.dtype,
+            "max_grad_norm": config.max_grad_norm,
+            "parallelism": config.parallelism,
+            "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+            # XLA's CPU results depend (at float rounding) on the cores and flags it runs with.
+            "cpu_cores": len(os.sched_getaffinity(0)),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
+        key = fisher_cache.fisher_key(settings, params, make_batches(), dropout_rng)
+        fisher = fisher_cache.load(cache_dir, key, params)
+        if fisher is not None:
+            print(f"Fisher information: loaded from {fisher_cache.cache_path(cache_dir, key)}")
+            if sources is not None:
+                sources.append("cache")
+            return fisher
     total = input_pipeline.num_batches(len(order), batch_size)
-    return steps.fisher_information(
+    fisher = steps.fisher_information(
         weighted_sum(objective),
         params,
-        tqdm(batches, total=total, desc="Fisher information", leave=False),
+        tqdm(make_batches(), total=total, desc="Fisher information", leave=False),
         devices,
         max_grad_norm=config.max_grad_norm,
         rng=dropout_rng,
     )
+    if key is not None:
+        print(f"Fisher information: stored in {fisher_cache.save(cache_dir, key, fisher)}")
+    if sources is not None:
+        sources.append("computed")
+    return fisher
 
 
 def child_mask(
@@ -405,10 +440,16 @@ def child_mask(
     data: input_pipeline.TaskData,
     reserve_p: float,
     devices: Sequence[jax.Device],
+    *,
+    architecture: str | None = None,
+    sources: list[str] | None = None,
 ) -> Any:
-    """ChildTuning-D's mask under ``config.mask_rule``."""
+    """ChildTuning-D's mask under ``config.mask_rule`` (``architecture``, ``sources``: as
+    :func:`fisher_pass`'s, when the rule uses the Fisher information)."""
     rule = get_mask_rule(config.mask_rule)
-    fisher = lambda: fisher_pass(config, objective, params, data, devices)
+    fisher = lambda: fisher_pass(
+        config, objective, params, data, devices, architecture=architecture, sources=sources
+    )
     return rule(MaskInputs(params, reserve_p, config.seed, fisher))
 
 

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     # lowest_fisher | random (the paper's ablations, same kept fraction)
     config.mask_rule = "fisher"
     config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
+    # A folder of Fisher passes keyed by their inputs (childtuning_trainer.fisher_cache): a run
+    # whose pass was computed before loads it (the same arrays). Empty: off. Single process only.
+    config.fisher_cache_dir = ""
     # D only: zero every encoder-layer weight outside the child network before training (the
     # paper's pruning ablation), then fine-tune the child network as D does.
     config.prune = False

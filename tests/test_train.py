@@ -236,6 +236,45 @@ def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, mode):
         assert f.read() == g.read()
 
 
+def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
+    """A D run stores its Fisher pass; a run with the same inputs (another regulariser) loads it
+    and trains exactly as a run that computes it; other inputs compute their own."""
+    cache = workdir / "fisher_cache"
+    common = dict(mode="D", dropout=0.1, num_devices=1, per_device_batch_size=GLOBAL_BATCH)
+    first, _ = loop.train_and_evaluate(
+        make_config(tiny_model, workdir / "cache_1", fisher_cache_dir=str(cache), **common)
+    )
+    assert first["fisher_source"] == "computed" and len(os.listdir(cache)) == 1
+    common.update(regularizer="decay_to_pretrained")
+    cached, cached_params = loop.train_and_evaluate(
+        make_config(tiny_model, workdir / "cache_2", fisher_cache_dir=str(cache), **common)
+    )
+    fresh, fresh_params = loop.train_and_evaluate(
+        make_config(tiny_model, workdir / "cache_3", **common)
+    )
+    assert (cached["fisher_source"], fresh["fisher_source"]) == ("cache", "computed")
+    assert cached["history"] == fresh["history"]
+    for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(fresh_params), strict=True):
+        assert np.array_equal(a, b)
+    for changed in ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1}):
+        config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
+        config.fisher_cache_dir = str(cache)
+        run = loop.prepare(config)
+        sources = []
+        recipe.fisher_pass(
+            config,
+            run.objective,
+            run.params,
+            run.data,
+            run.devices,
+            architecture=run.model.architecture,
+            sources=sources,
+        )
+        run.manager.close()
+        assert sources == ["computed"], changed
+    assert len(os.listdir(cache)) == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear message, and nothing computed
 # ---------------------------------------------------------------------------------------------

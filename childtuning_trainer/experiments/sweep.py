@@ -27,6 +27,7 @@ from childtuning_trainer.experiments import store
 from childtuning_trainer.experiments.store import RunSpec
 
 CACHE_DIR = ".jax_cache"
+FISHER_CACHE_DIR = "runs/fisher_cache"
 
 
 def flag_value(value: Any) -> str:

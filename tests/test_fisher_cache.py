@@ -1,0 +1,53 @@
+"""The Fisher cache: its key changes with every input of a pass, and files round-trip exactly."""
+
+import os
+
+import jax
+import numpy as np
+
+from childtuning_trainer import fisher_cache
+
+
+def _inputs():
+    params = {"bert": {"layer": {"0": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}}
+    batches = [
+        {"input_ids": np.array([[1, 2, 3]], np.int32), "labels": np.array([1], np.int32)},
+        {"input_ids": np.array([[4, 5, 0]], np.int32), "labels": np.array([0], np.int32)},
+    ]
+    return {"model": "tiny", "max_grad_norm": 1.0}, params, batches, jax.random.key(3)
+
+
+def test_key_is_stable_and_changes_with_every_input():
+    settings, params, batches, rng = _inputs()
+    key = fisher_cache.fisher_key(settings, params, iter(batches), rng)
+    assert key == fisher_cache.fisher_key(settings, params, iter(batches), rng)
+
+    moved = jax.tree.map(np.copy, params)
+    moved["bert"]["layer"]["0"]["kernel"][1, 2] += 1e-6
+    other_token = [dict(b) for b in batches]
+    other_token[1]["input_ids"] = np.array([[4, 6, 0]], np.int32)
+    recast = [dict(b) for b in batches]
+    recast[0]["labels"] = recast[0]["labels"].astype(np.int64)
+    changed = [
+        fisher_cache.fisher_key({**settings, "max_grad_norm": 2.0}, params, batches, rng),
+        fisher_cache.fisher_key(settings, moved, batches, rng),
+        fisher_cache.fisher_key(settings, params, other_token, rng),
+        fisher_cache.fisher_key(settings, params, recast, rng),
+        fisher_cache.fisher_key(settings, params, batches[:1], rng),
+        fisher_cache.fisher_key(settings, params, batches, jax.random.key(4)),
+        fisher_cache.fisher_key(settings, params, batches, None),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+
+
+def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
+    settings, params, batches, rng = _inputs()
+    fisher = {"bert": {"layer": {"0": {"kernel": np.float32([[1e-30, 2.5, 3], [0, 7e-12, 9]])}}}}
+    key = fisher_cache.fisher_key(settings, params, batches, rng)
+    assert fisher_cache.load(str(tmp_path), key, params) is None
+    path = fisher_cache.save(str(tmp_path), key, fisher)
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+    loaded = fisher_cache.load(str(tmp_path), key, params)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    got, want = loaded["bert"]["layer"]["0"]["kernel"], fisher["bert"]["layer"]["0"]["kernel"]
+    assert got.dtype == np.float32 and np.array_equal(got, want)
