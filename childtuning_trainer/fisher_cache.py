@@ -8,7 +8,7 @@ that shape the computation (model architecture, compute dtype, clipping, device 
 CPU cores), the library versions and the source of this project's packages. A stored pass is
 loaded instead of computed, so a hit is exactly the array the same command would compute; any
 change to the code or the inputs is a new key. Files are written whole (temporary file, then
-rename), so an interrupted write leaves nothing behind.
+rename), so an interrupted write never leaves a partial entry.
 """
 
 from __future__ import annotations
