@@ -27,18 +27,24 @@ import numpy as np
 
 from childtuning_jax import leaf_names, map_with_name
 
-# The packages whose source can change what a Fisher pass computes.
+# The packages whose source can change what a Fisher pass computes, and what of them a training
+# run never imports (the sweep, its reports and probes), so editing a report keeps the cache.
 PACKAGES = ("childtuning_jax", "childtuning_trainer")
+NOT_IMPORTED_BY_TRAINING = ("childtuning_trainer/experiments",)
 
 
 @functools.cache
 def source_digest() -> str:
-    """SHA-256 of every ``.py`` file of :data:`PACKAGES` (relative path and bytes)."""
+    """SHA-256 of every ``.py`` file of :data:`PACKAGES` (relative path and bytes), but those
+    under :data:`NOT_IMPORTED_BY_TRAINING`."""
     digest = hashlib.sha256()
     for package in PACKAGES:
         root = pathlib.Path(__import__(package).__file__).parent
         for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root.parent)).encode() + b"\0")
+            name = path.relative_to(root.parent).as_posix()
+            if name.startswith(tuple(p + "/" for p in NOT_IMPORTED_BY_TRAINING)):
+                continue
+            digest.update(name.encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 

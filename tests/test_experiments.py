@@ -196,6 +196,33 @@ def test_trivial_column_is_the_mean_over_the_seeds_shown():
     assert table.rstrip().endswith("| 53.0 |")
 
 
+def test_domain_report_scores_a_constant_prediction_on_every_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    three_way = ["neutral"] * 5 + ["entailment"] * 3 + ["contradiction"] * 2
+    two_way = ["entailment"] * 3 + ["not_entailment"] * 1
+    for name, labels in (("three.jsonl", three_way), ("two.jsonl", two_way)):
+        with open(name, "w") as f:
+            for label in labels:
+                f.write(json.dumps({"premise": "p", "hypothesis": "h", "label": label}) + "\n")
+    sets = {"snli": "snli.jsonl", "three": "three.jsonl", "two": "two.jsonl", "gone": "no.jsonl"}
+    protocol = protocols.domain(["snli"], ["vanilla"], [42, 52], sets, train_samples=10)
+    for spec, majority in zip(protocol.specs, (0.30, 0.34), strict=True):
+        record = _record("snli", "vanilla", spec.get("seed"), 0.7)[1]
+        record.update(run_id=spec.run_id, overrides=dict(spec.overrides))
+        record["baseline"] = {"eval": {"accuracy": majority}}
+        record["extra_eval"] = {"three": {"accuracy": 0.4}, "two": {"accuracy": 0.6}}
+        store.save_result(spec, record)
+    report.save_protocol(protocol)
+    text = open(report.write_report("domain")).read()
+    # in-domain: the training majority's score (mean over seeds); three-way set: its most frequent
+    # label (neutral, 5 of 10); two-way set, merged as a three-way model is scored: 3 of 4.
+    header = next(line for line in text.splitlines() if line.startswith("| source"))
+    trivial = next(line for line in text.splitlines() if line.startswith("| trivial"))
+    cells = dict(zip(header.split("|")[2:-1], trivial.split("|")[2:-1], strict=True))
+    cells = {k.strip(): v.strip() for k, v in cells.items()}
+    assert cells == {"snli (in-domain)": "32.0", "three": "50.0", "two": "75.0"}
+
+
 def test_best_setting_per_method_is_chosen_by_mean():
     summary = {
         "lr 0.0001": {"rte": {"D": {"mean": 60.0}, "vanilla": {"mean": 65.0}}},

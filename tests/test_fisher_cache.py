@@ -1,10 +1,14 @@
 """The Fisher cache: its key changes with every input of a pass, and files round-trip exactly."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 
+import childtuning_trainer
 from childtuning_trainer import fisher_cache
 
 
@@ -51,3 +55,22 @@ def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     got, want = loaded["bert"]["layer"]["0"]["kernel"], fisher["bert"]["layer"]["0"]["kernel"]
     assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+def test_source_digest_covers_training_code_only():
+    root = pathlib.Path(childtuning_trainer.__file__).parent
+    assert (root / "experiments" / "report.py").exists() and (root / "recipe.py").exists()
+    # A training run never imports the experiments package (what the digest leaves out).
+    code = (
+        "import sys, train; from childtuning_trainer import loop; "
+        "print(any(m.startswith('childtuning_trainer.experiments') for m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root.parent,
+    )
+    assert out.stdout.strip() == "False"
+    assert len(fisher_cache.source_digest()) == 64

@@ -19,6 +19,7 @@ import numpy as np
 from childtuning_trainer.experiments import store
 from childtuning_trainer.experiments.protocols import Protocol, method_label
 from childtuning_trainer.experiments.store import RunSpec
+from childtuning_trainer.tasks import get_task
 
 REPORTS_DIR = "experiments"
 PROBES_DIR = os.path.join("experiments", "probes")
@@ -318,14 +319,35 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
     return lines, {"summary": summary}
 
 
+def constant_label_scores(eval_sets: dict[str, str], model_labels: tuple[str, ...]) -> dict:
+    """``{name: accuracy x 100}`` of the best constant prediction on each evaluation set that can
+    be read here (local files; hub sets are skipped): the share of its most frequent label, after
+    merging to two-way where the model's and the set's label sets differ (as the scoring does)."""
+    from childtuning_trainer import extra_eval
+
+    scores = {}
+    for name, path in eval_sets.items():
+        if path.startswith(extra_eval.HUB_PREFIX) or not os.path.isfile(path):
+            continue
+        extra = extra_eval.read_set(name, path)
+        gold = np.asarray(extra.examples.labels)
+        if tuple(model_labels) != tuple(extra.labels):
+            gold = (gold != 0).astype(np.int64)  # entailment (id 0) against the rest
+        scores[name] = 100 * float(np.bincount(gold).max() / len(gold))
+    return scores
+
+
 def _domain_report(protocol: Protocol, records: list[dict], out_dir: str) -> tuple[list, dict]:
     table: dict = defaultdict(lambda: defaultdict(list))
+    baselines: dict = defaultdict(list)
     for r in records:
         o = r["overrides"]
         row = f"{o['task']} {method_label(o)}"
         table[row][f"{o['task']} (in-domain)"].append(100 * r["eval"]["accuracy"])
         for name, res in r.get("extra_eval", {}).items():
             table[row][name].append(100 * res["accuracy"])
+        if "baseline" in r:
+            baselines[f"{o['task']} (in-domain)"].append(100 * r["baseline"]["eval"]["accuracy"])
     rows = sorted(table)
     cols = sorted(
         {c for row in table.values() for c in row}, key=lambda c: ("in-domain" not in c, c)
@@ -344,6 +366,22 @@ def _domain_report(protocol: Protocol, records: list[dict], out_dir: str) -> tup
             cells.append(cell(stats))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if rows:
+        model_labels = tuple(get_task(records[0]["overrides"]["task"]).labels)
+        constant = constant_label_scores(protocol.settings.get("eval_sets", {}), model_labels)
+        trivial = [
+            f"{np.mean(baselines[c]):.1f}"
+            if c in baselines
+            else f"{constant[c]:.1f}"
+            if c in constant
+            else "–"
+            for c in cols
+        ]
+        lines.append("| trivial | " + " | ".join(trivial) + " |")
+        lines += [
+            "",
+            "trivial: in-domain, the training subset's majority class (mean over seeds); "
+            "elsewhere, the set's most frequent label (the best any constant prediction scores).",
+        ]
         heat_map(
             rows,
             cols,
