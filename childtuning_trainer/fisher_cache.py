@@ -119,7 +119,10 @@ def save(directory: str, key: str, fisher: Any) -> str:
     names = np.array(leaf_names(fisher))
     leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(fisher)]
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
         with os.fdopen(handle, "wb") as f:
             np.savez(f, *leaves, names=names)
         os.replace(temporary, path)

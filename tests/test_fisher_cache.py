@@ -51,6 +51,9 @@ def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
     assert fisher_cache.load(str(tmp_path), key, params) is None
     path = fisher_cache.save(str(tmp_path), key, fisher)
     assert os.listdir(tmp_path) == [os.path.basename(path)]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
     loaded = fisher_cache.load(str(tmp_path), key, params)
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     got, want = loaded["bert"]["layer"]["0"]["kernel"], fisher["bert"]["layer"]["0"]["kernel"]
