@@ -1,13 +1,13 @@
 """A content-addressed store of Fisher passes, so runs that share one compute it once.
 
 ChildTuning-D, its pruning and lowest-Fisher ablations, and D with most regularisers start from
-the same Fisher information for a given task, seed and training subset; on CPU the pass costs a
-third of a short run. With ``config.fisher_cache_dir`` set, each pass is keyed by a SHA-256 of
-everything it reads (:func:`fisher_key`): the params, every batch, the dropout key, the settings
-that shape the computation (model architecture, compute dtype, clipping, device count and kind,
-CPU cores), the library versions and the source of this project's packages. A stored pass is
-loaded instead of computed, so a hit is exactly the array the same command would compute; any
-change to the code or the inputs is a new key. Files are written whole (temporary file, then
+the same Fisher information for a given task, seed and training subset, and on CPU the pass is a
+sizeable share of a short run. With ``config.fisher_cache_dir`` set, each pass is keyed by a
+SHA-256 of everything it reads (:func:`fisher_key`): the params, every batch, the dropout key, the
+settings that shape the computation (model architecture, compute dtype, clipping, device count
+and kind, CPU cores), the library versions and the source of this project's packages. A stored
+pass is loaded instead of computed, so a hit is exactly the array the same command would compute;
+any change to the code or the inputs is a new key. Files are written whole (temporary file, then
 rename), so an interrupted write never leaves a partial entry.
 """
 

@@ -320,9 +320,9 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
 
 
 def constant_label_scores(eval_sets: dict[str, str], model_labels: tuple[str, ...]) -> dict:
-    """``{name: accuracy x 100}`` of the best constant prediction on each evaluation set that can
-    be read here (local files; hub sets are skipped): the share of its most frequent label, after
-    merging to two-way where the model's and the set's label sets differ (as the scoring does)."""
+    """``{name: accuracy x 100}`` of the best constant prediction of the model's labels on each
+    evaluation set that can be read here (local files; hub sets are skipped), scored as the model
+    is (``extra_eval.merged_accuracy``)."""
     from childtuning_trainer import extra_eval
 
     scores = {}
@@ -331,9 +331,10 @@ def constant_label_scores(eval_sets: dict[str, str], model_labels: tuple[str, ..
             continue
         extra = extra_eval.read_set(name, path)
         gold = np.asarray(extra.examples.labels)
-        if tuple(model_labels) != tuple(extra.labels):
-            gold = (gold != 0).astype(np.int64)  # entailment (id 0) against the rest
-        scores[name] = 100 * float(np.bincount(gold).max() / len(gold))
+        scores[name] = 100 * max(
+            extra_eval.merged_accuracy(np.full_like(gold, label), model_labels, gold, extra.labels)
+            for label in range(len(model_labels))
+        )
     return scores
 
 
