@@ -225,12 +225,23 @@ def test_domain_report_scores_a_constant_prediction_on_every_set(tmp_path, monke
 
 def test_best_setting_per_method_is_chosen_by_mean():
     summary = {
-        "lr 0.0001": {"rte": {"D": {"mean": 60.0}, "vanilla": {"mean": 65.0}}},
-        "lr 0.0002": {"rte": {"D": {"mean": 66.0}, "vanilla": {"mean": 50.0}}},
+        "lr 0.0001": {"rte": {"D": {"mean": 60.0, "n": 3}, "vanilla": {"mean": 65.0, "n": 3}}},
+        "lr 0.0002": {"rte": {"D": {"mean": 66.0, "n": 3}, "vanilla": {"mean": 50.0, "n": 3}}},
     }
     best = report.best_settings(summary)
     assert best["rte"]["D"][0] == "lr 0.0002"
     assert best["rte"]["vanilla"][0] == "lr 0.0001"
+
+
+def test_best_setting_compares_only_settings_with_the_most_seeds():
+    # lr 0.0002 has one seed so far, with a higher mean: it is not chosen until it has three.
+    summary = {
+        "lr 0.0001": {"cola": {"F": {"mean": 5.0, "n": 3}}},
+        "lr 0.0002": {"cola": {"F": {"mean": 9.0, "n": 1}}},
+    }
+    assert report.best_settings(summary)["cola"]["F"][0] == "lr 0.0001"
+    summary["lr 0.0002"]["cola"]["F"]["n"] = 3
+    assert report.best_settings(summary)["cola"]["F"][0] == "lr 0.0002"
 
 
 # ---------------------------------------------------------------------------------------------
