@@ -107,17 +107,14 @@ def best_settings(summary: dict) -> dict:
     """``{task: {method: (setting, stats)}}``: each method's setting with the highest mean, among
     its settings with the most seeds finished (a partly run setting is not compared with a full
     one)."""
-    found: dict = {}
+    best: dict = {}
     for setting, tasks in summary.items():
         for task, methods in tasks.items():
             for method, stats in methods.items():
-                found.setdefault(task, {}).setdefault(method, []).append((setting, stats))
-    best: dict = {}
-    for task, methods in found.items():
-        for method, candidates in methods.items():
-            most = max(stats["n"] for _, stats in candidates)
-            full = [c for c in candidates if c[1]["n"] == most]
-            best.setdefault(task, {})[method] = max(full, key=lambda c: c[1]["mean"])
+                current = best.setdefault(task, {}).get(method)
+                rank = (stats["n"], stats["mean"])
+                if current is None or rank > (current[1]["n"], current[1]["mean"]):
+                    best[task][method] = (setting, stats)
     return best
 
 
