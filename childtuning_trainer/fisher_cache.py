@@ -13,7 +13,6 @@ rename), so an interrupted write never leaves a partial entry.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -33,10 +32,7 @@ PACKAGES = ("childtuning_jax", "childtuning_trainer")
 NOT_IMPORTED_BY_TRAINING = ("childtuning_trainer/experiments",)
 
 
-@functools.cache
-def source_digest() -> str:
-    """SHA-256 of every ``.py`` file of :data:`PACKAGES` (relative path and bytes), but those
-    under :data:`NOT_IMPORTED_BY_TRAINING`."""
+def _hash_sources() -> str:
     digest = hashlib.sha256()
     for package in PACKAGES:
         root = pathlib.Path(__import__(package).__file__).parent
@@ -47,6 +43,16 @@ def source_digest() -> str:
             digest.update(name.encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+# Read once, when the trainer imports this module: the code the process runs, not later edits.
+_SOURCE_DIGEST = _hash_sources()
+
+
+def source_digest() -> str:
+    """SHA-256 of every ``.py`` file of :data:`PACKAGES` (relative path and bytes), but those
+    under :data:`NOT_IMPORTED_BY_TRAINING`, as they were when this module was imported."""
+    return _SOURCE_DIGEST
 
 
 def library_versions() -> dict[str, str]:

@@ -185,8 +185,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     mask = None
     if config.mode == "D":
         start = time.perf_counter()
-        sources: list[str] = []
-        mask = recipe.child_mask(
+        mask, meta["fisher_source"] = recipe.child_mask(
             config,
             run.objective,
             params,
@@ -194,10 +193,8 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
             run.reserve_p,
             run.devices,
             architecture=run.model.architecture,
-            sources=sources,
         )
         meta["fisher_time_s"] = time.perf_counter() - start
-        meta["fisher_source"] = sources[0] if sources else None
         meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
         summary = recipe.mask_summary(mask, run.reserve_p)
         meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]

@@ -43,7 +43,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -360,6 +360,20 @@ def get_mask_rule(name: str) -> MaskRule:
     return MASK_RULES[name]
 
 
+class FisherPass(NamedTuple):
+    """A Fisher pass's result and its source: ``"cache"`` (loaded) or ``"computed"``."""
+
+    fisher: Any
+    source: str
+
+
+class ChildMask(NamedTuple):
+    """A D mask and its Fisher pass's source (``None`` when the rule reads no Fisher pass)."""
+
+    mask: Any
+    fisher_source: str | None
+
+
 def fisher_pass(
     config: Any,
     objective: Objective,
@@ -368,8 +382,7 @@ def fisher_pass(
     devices: Sequence[jax.Device],
     *,
     architecture: str | None = None,
-    sources: list[str] | None = None,
-) -> Any:
+) -> FisherPass:
     """Fisher information over the training set, as the official code computes it.
 
     One pass over the (shuffled) training batches with dropout on, with the plain task loss
@@ -381,7 +394,8 @@ def fisher_pass(
 
     With ``config.fisher_cache_dir`` and ``architecture`` (the model's config as JSON), a single
     process loads the pass from :mod:`childtuning_trainer.fisher_cache` when the same inputs were
-    computed before, and stores it otherwise; ``sources`` gets ``"cache"`` or ``"computed"``.
+    computed before, and stores it otherwise. The cache key reads every batch, so on a miss the
+    batches are built twice rather than held in memory for the whole training set.
     """
     dropout_rng = None
     if config.dropout is None or config.dropout > 0:
@@ -414,9 +428,7 @@ def fisher_pass(
         fisher = fisher_cache.load(cache_dir, key, params)
         if fisher is not None:
             print(f"Fisher information: loaded from {fisher_cache.cache_path(cache_dir, key)}")
-            if sources is not None:
-                sources.append("cache")
-            return fisher
+            return FisherPass(fisher, "cache")
     total = input_pipeline.num_batches(len(order), batch_size)
     fisher = steps.fisher_information(
         weighted_sum(objective),
@@ -428,9 +440,7 @@ def fisher_pass(
     )
     if key is not None:
         print(f"Fisher information: stored in {fisher_cache.save(cache_dir, key, fisher)}")
-    if sources is not None:
-        sources.append("computed")
-    return fisher
+    return FisherPass(fisher, "computed")
 
 
 def child_mask(
@@ -442,15 +452,21 @@ def child_mask(
     devices: Sequence[jax.Device],
     *,
     architecture: str | None = None,
-    sources: list[str] | None = None,
-) -> Any:
-    """ChildTuning-D's mask under ``config.mask_rule`` (``architecture``, ``sources``: as
-    :func:`fisher_pass`'s, when the rule uses the Fisher information)."""
+) -> ChildMask:
+    """ChildTuning-D's mask under ``config.mask_rule`` (``architecture``: as :func:`fisher_pass`'s),
+    with where its Fisher pass came from."""
     rule = get_mask_rule(config.mask_rule)
-    fisher = lambda: fisher_pass(
-        config, objective, params, data, devices, architecture=architecture, sources=sources
-    )
-    return rule(MaskInputs(params, reserve_p, config.seed, fisher))
+    passes: list[FisherPass] = []
+
+    def fisher() -> Any:
+        if not passes:
+            passes.append(
+                fisher_pass(config, objective, params, data, devices, architecture=architecture)
+            )
+        return passes[0].fisher
+
+    mask = rule(MaskInputs(params, reserve_p, config.seed, fisher))
+    return ChildMask(mask, passes[0].source if passes else None)
 
 
 def mask_summary(mask: Any, reserve_p: float) -> dict[str, Any]:

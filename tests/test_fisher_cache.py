@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -77,3 +78,28 @@ def test_source_digest_covers_training_code_only():
     )
     assert out.stdout.strip() == "False"
     assert len(fisher_cache.source_digest()) == 64
+
+
+def test_source_digest_is_read_at_import(tmp_path):
+    """A file edited while a run is going does not change the run's keys (copies, not the tree)."""
+    root = pathlib.Path(childtuning_trainer.__file__).parent.parent
+    for package in fisher_cache.PACKAGES:
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(root / package, tmp_path / package, ignore=ignore)
+    digest = (
+        "from childtuning_trainer import fisher_cache as c; print(c.source_digest(), c.__file__)"
+    )
+    edit = (
+        "import pathlib; p = pathlib.Path('childtuning_trainer/recipe.py'); "
+        "p.write_text(p.read_text() + '# edited\\n'); "
+    )
+
+    def run(code: str) -> list[str]:
+        command = [sys.executable, "-c", code]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path)
+        return out.stdout.split()
+
+    imported_then_edited = run(digest.replace("; print(", f"; {edit}print("))
+    assert imported_then_edited[1].startswith(str(tmp_path))  # the copy, not this checkout
+    assert imported_then_edited[0] == fisher_cache.source_digest()  # the unedited sources
+    assert run(digest)[0] != imported_then_edited[0]  # a new process reads the edit

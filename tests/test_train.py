@@ -260,18 +260,16 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
         config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
         run = loop.prepare(config)
-        sources = []
-        recipe.fisher_pass(
+        computed = recipe.fisher_pass(
             config,
             run.objective,
             run.params,
             run.data,
             run.devices,
             architecture=run.model.architecture,
-            sources=sources,
         )
         run.manager.close()
-        assert sources == ["computed"], changed
+        assert computed.source == "computed", changed
     assert len(os.listdir(cache)) == 4
 
 
@@ -437,7 +435,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
             dtype=dtype,
         )
         run = loop.prepare(config)
-        fisher = recipe.fisher_pass(config, run.objective, run.params, run.data, run.devices)
+        fisher = recipe.fisher_pass(config, run.objective, run.params, run.data, run.devices).fisher
         masks[dtype] = fisher_mask(fisher, 0.3)
         run.manager.close()
         outcomes[dtype] = loop.train_and_evaluate(config)
