@@ -27,10 +27,9 @@ import tempfile
 import time
 from typing import Any
 
-import jax
 import transformers
 
-from childtuning_trainer import input_pipeline, loop, parallel, regularizers, steps
+from childtuning_trainer import loop, parallel, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
@@ -56,13 +55,10 @@ def base_config() -> Any:
     return module.get_config()
 
 
-def real_token_share(
-    data: input_pipeline.TaskData, batch_size: int, seed: int, epoch: int
-) -> float:
+def real_token_share(run: loop.Run, epoch: int) -> float:
     """Real tokens over the positions the training batches of epoch ``epoch`` (0-based) compute."""
     real = computed = 0
-    order = input_pipeline.epoch_order(seed, epoch, data.num_train_examples)
-    for batch in input_pipeline.train_batches(data.train, order, batch_size, padding=data.padding):
+    for batch in run.epoch_batches(epoch):
         real += int(batch["attention_mask"][batch["weights"] > 0].sum())
         computed += batch["attention_mask"].size
     return real / computed
@@ -96,23 +92,10 @@ class Contender:
         self.run = loop.prepare(config)
         host_state, tx, _ = loop.initial_state(self.run)
         self.state = parallel.replicate(host_state, self.run.devices)
-        self.step_fn = parallel.map_train_step(
-            regularizers.make_train_step(
-                self.run.regularizer, self.run.train_objective, tx, loop.has_dropout(config)
-            ),
-            self.run.devices,
-        )
-        self.key = jax.random.fold_in(jax.random.key(config.seed), 3)
+        self.step_fn = self.run.train_step(tx)
         self.step = 0
         self.epoch_times: list[float] = []
         self.lengths_used: set[int] = set()  # padded lengths trained on: one compile each
-
-    def batches(self, epoch: int):
-        data = self.run.data
-        order = input_pipeline.epoch_order(self.run.config.seed, epoch, data.num_train_examples)
-        return input_pipeline.train_batches(
-            data.train, order, self.run.global_batch, padding=data.padding
-        )
 
     def train_step(self, batches) -> float:
         """One step; returns its wall time (next batch, step, loss read back)."""
@@ -120,17 +103,15 @@ class Contender:
         host_batch = next(batches)
         self.lengths_used.add(int(host_batch["input_ids"].shape[1]))
         batch = parallel.shard_batch(host_batch, self.run.devices)
-        rng = jax.random.fold_in(self.key, self.step)
-        self.state, metrics = self.step_fn(self.state, batch, rng)
+        self.state, metrics = self.step_fn(self.state, batch, self.run.step_rng(self.step))
         float(metrics["loss"][0])
         self.step += 1
         return time.perf_counter() - start
 
     def evaluate(self) -> dict[str, float]:
         run = self.run
-        p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model), run.devices)
         params = self.state.params
-        return steps.evaluate(p_eval_step, params, run.data, run.devices, run.global_batch)
+        return steps.evaluate(run.eval_step(), params, run.data, run.devices, run.global_batch)
 
 
 def run_task(task: str, *, smoke: bool, model: str, out_dir: str) -> dict[str, Any]:
@@ -140,7 +121,7 @@ def run_task(task: str, *, smoke: bool, model: str, out_dir: str) -> dict[str, A
     }
     names = list(contenders)
     for epoch in range(EPOCHS):
-        iterators = {m: c.batches(epoch) for m, c in contenders.items()}
+        iterators = {m: c.run.epoch_batches(epoch) for m, c in contenders.items()}
         times = dict.fromkeys(names, 0.0)
         for i in range(contenders[names[0]].run.steps_per_epoch):
             for m in names if i % 2 == 0 else names[::-1]:
@@ -156,9 +137,7 @@ def run_task(task: str, *, smoke: bool, model: str, out_dir: str) -> dict[str, A
             "metric": metric,
             "steps": c.step,
             "num_train_examples": c.run.data.num_train_examples,
-            "real_token_share": real_token_share(
-                c.run.data, c.run.global_batch, c.run.config.seed, EPOCHS - 1
-            ),
+            "real_token_share": real_token_share(c.run, EPOCHS - 1),
             "buckets": list(c.run.data.padding.buckets),
             "lengths_used": sorted(c.lengths_used),
             "bucket_multiple": c.run.config.bucket_multiple,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -113,6 +114,28 @@ class Run:
         return regularizers.train_objective(
             self.regularizer, self.model, self.task.is_regression, has_dropout(self.config)
         )
+
+    def train_step(self, tx: optax.GradientTransformation) -> Callable:
+        """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``."""
+        step = regularizers.make_train_step(
+            self.regularizer, self.train_objective, tx, has_dropout(self.config)
+        )
+        return parallel.map_train_step(step, self.devices)
+
+    def eval_step(self) -> Callable:
+        return parallel.map_eval_step(steps.make_eval_step(self.model), self.devices)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Epoch ``epoch``'s (0-based) training batches, from batch ``start_batch`` on."""
+        data = self.data
+        order = input_pipeline.epoch_order(self.config.seed, epoch, data.num_train_examples)
+        return input_pipeline.train_batches(
+            data.train, order, self.global_batch, start_batch, data.padding
+        )
+
+    def step_rng(self, step: int) -> jax.Array:
+        """The key of step ``step`` (0-based; dropout, mixout, R3F noise)."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 3), step)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
@@ -220,12 +243,7 @@ def train_loop(
     state, or ``None`` if ``config.stop_after_steps`` stopped the run.
     """
     config, data, devices = run.config, run.data, run.devices
-    p_train_step = parallel.map_train_step(
-        regularizers.make_train_step(run.regularizer, run.train_objective, tx, has_dropout(config)),
-        devices,
-    )
-    p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model), devices)
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
     log = outputs.MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), meta["step"])
     board = outputs.TensorBoard(
         os.path.join(config.output_dir, "tensorboard"), config.tensorboard, meta["step"]
@@ -247,15 +265,11 @@ def train_loop(
 
     while step < run.total_steps:
         epoch, start_batch = divmod(step, run.steps_per_epoch)
-        order = input_pipeline.epoch_order(config.seed, epoch, data.num_train_examples)
-        batches = input_pipeline.train_batches(
-            data.train, order, run.global_batch, start_batch, data.padding
-        )
         start = time.perf_counter()
         epoch_time = 0.0  # this epoch's training time in this process (compiles included)
-        for batch in batches:
-            rng = jax.random.fold_in(dropout_key, step)
-            state, metrics = p_train_step(state, parallel.shard_batch(batch, devices), rng)
+        for batch in run.epoch_batches(epoch, start_batch):
+            batch = parallel.shard_batch(batch, devices)
+            state, metrics = p_train_step(state, batch, run.step_rng(step))
             step += 1
             loss, lr = float(metrics["loss"][0]), float(run.schedule(step - 1))
             interval_losses.append(loss)
