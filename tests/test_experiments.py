@@ -182,6 +182,44 @@ def test_regularizer_report_has_a_row_per_regularizer_and_a_column_per_mode(tmp_
     assert (tmp_path / "experiments" / "regs" / "bars_0.png").stat().st_size > 1000
 
 
+def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():
+    # Epochs of 25 steps, a line every 10 steps and at each epoch's end.
+    logged = [
+        {"step": 10, "epoch": 1, "loss": 9.0},
+        {"step": 20, "epoch": 1, "loss": 9.0},
+        {"step": 25, "epoch": 1, "loss": 9.0},
+        {"step": 30, "epoch": 2, "loss": 0.8},
+        {"step": 40, "epoch": 2, "loss": 0.6},
+        {"step": 50, "epoch": 2, "loss": 0.5},
+    ]
+    expected = (0.8 * 5 + 0.6 * 10 + 0.5 * 10) / 25
+    assert np.isclose(store.last_epoch_train_loss({"train_loss": logged}), expected)
+    assert store.last_epoch_train_loss({}) is None  # records made before the sweep kept them
+
+
+def test_report_tables_the_last_epoch_training_loss_of_records_that_keep_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    specs = []
+    losses = {("none", "vanilla"): [0.69, 0.71], ("r3f", "D"): [0.40, 0.50]}
+    for (reg, mode), values in losses.items():
+        for seed, loss in zip((42, 52), values, strict=True):
+            spec, record = _record("rte", mode, seed, 0.5, regularizer=reg)
+            record["train_loss"] = [{"step": 5, "epoch": 1, "loss": loss}]
+            store.save_result(spec, record)
+            specs.append(spec)
+    old_spec, old_record = _record("rte", "F", 42, 0.5)  # made before records kept the losses
+    store.save_result(old_spec, old_record)
+    report.save_protocol(protocols.Protocol("losses", "table", (*specs, old_spec)))
+    text = open(report.write_report("losses")).read()
+    section = text[text.index("## Training loss in the last epoch") :]
+    assert "| regulariser | vanilla | D |" in section  # F: no record keeps its losses
+    assert "| none | 0.700 ± 0.014 (2) | – |" in section
+    assert "| r3f | – | 0.450 ± 0.071 (2) |" in section
+    summary = json.load(open(tmp_path / "experiments" / "losses" / "summary.json"))
+    by_run = {r["run_id"]: r["last_epoch_train_loss"] for r in summary["runs"]}
+    assert by_run[old_spec.run_id] is None and by_run[specs[0].run_id] == 0.69
+
+
 def test_trivial_column_is_the_mean_over_the_seeds_shown():
     records = []
     for mode in ("vanilla", "D"):
@@ -384,6 +422,9 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     assert record["run_id"] == spec.run_id and record["task"] == "mrpc"
     assert record["command"].startswith("python ") and "--config.mode=D" in record["command"]
     work = tmp_path / "work" / spec.run_id
+    logged = [json.loads(line) for line in open(work / "metrics.jsonl") if '"loss"' in line]
+    assert logged and [x["loss"] for x in record["train_loss"]] == [x["loss"] for x in logged]
+    assert record["train_loss"][-1]["step"] == record["steps"]
     assert not (work / "checkpoints").exists()  # deleted once the result is safe
     # A second sweep skips the finished run: no second command in its log.
     again, _ = sweep.run_all([spec], **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,21 +80,24 @@ def mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
-def cell(stats: dict | None) -> str:
+def cell(stats: dict | None, digits: int = 1) -> str:
     if stats is None:
         return "–"
     if stats["n"] == 1:
-        return f"{stats['mean']:.1f} (1)"
-    return f"{stats['mean']:.1f} ± {stats['std']:.1f} ({stats['n']})"
+        return f"{stats['mean']:.{digits}f} (1)"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} ({stats['n']})"
 
 
-def summarize(records: list[dict]) -> dict:
-    """``{setting: {task: {method: stats + per-seed values}}}`` over seeds."""
+def summarize(
+    records: list[dict], value: Callable[[dict], float | None] = lambda r: score(r)[1]
+) -> dict:
+    """``{setting: {task: {method: stats + per-seed values}}}`` over seeds of ``value`` (default:
+    the score); records whose value is ``None`` are left out."""
     groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in records:
         o = r["overrides"]
-        _, value = score(r)
-        groups[setting_of(o)][o["task"]][method_label(o)][o.get("seed", 42)] = value
+        if (v := value(r)) is not None:
+            groups[setting_of(o)][o["task"]][method_label(o)][o.get("seed", 42)] = v
     out: dict = {}
     for setting, tasks in groups.items():
         for task, methods in tasks.items():
@@ -125,7 +129,10 @@ def _methods(tables: dict) -> list[str]:
 
 
 def markdown_table(
-    tasks: dict, metric_names: dict[str, str], baselines: dict[str, float] | None = None
+    tasks: dict,
+    metric_names: dict[str, str],
+    baselines: dict[str, float] | None = None,
+    digits: int = 1,
 ) -> list[str]:
     """Rows: tasks (and their average); columns: methods, then the trivial predictor's score
     (majority class or a constant, mean over seeds) when ``baselines`` are given."""
@@ -134,7 +141,7 @@ def markdown_table(
     lines = ["| task (metric) | " + " | ".join(methods + extra) + " |"]
     lines.append("| --- |" + " ---: |" * (len(methods) + len(extra)))
     for task in sorted(tasks):
-        row = [cell(tasks[task].get(m)) for m in methods]
+        row = [cell(tasks[task].get(m), digits) for m in methods]
         if baselines:
             row.append(f"{baselines[task]:.1f}" if task in baselines else "–")
         lines.append(f"| {task} ({metric_names.get(task, '?')}) | " + " | ".join(row) + " |")
@@ -142,7 +149,7 @@ def markdown_table(
         avg = []
         for m in methods:
             means = [tasks[t][m]["mean"] for t in tasks if m in tasks[t]]
-            avg.append(f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–")
+            avg.append(f"{np.mean(means):.{digits}f}" if len(means) == len(tasks) else "–")
         lines.append("| average | " + " | ".join(avg + [""] * len(extra)) + " |")
     return lines
 
@@ -168,7 +175,7 @@ def _regularizer_tables(tasks: dict) -> tuple[dict, list[str], list[str]]:
     return tables, sorted(regs, key=lambda r: (r != "none", r)), ordered_modes
 
 
-def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
+def regularizer_tables(tasks: dict, metric_names: dict[str, str], digits: int = 1) -> list[str]:
     """One table per task, rows the regularisers (``none`` first), columns the modes; then the
     average over tasks of each cell's mean (the paper's Table 3 layout)."""
     tables, regs, modes = _regularizer_tables(tasks)
@@ -178,7 +185,7 @@ def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
         table = tables[task]
         lines += [f"**{task} ({metric_names.get(task, '?')})**", "", *header]
         for reg in regs:
-            cells = [cell(table.get(reg, {}).get(m)) for m in modes]
+            cells = [cell(table.get(reg, {}).get(m), digits) for m in modes]
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
     if len(tasks) > 1:
@@ -187,7 +194,7 @@ def regularizer_tables(tasks: dict, metric_names: dict[str, str]) -> list[str]:
             cells = []
             for m in modes:
                 means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables.values()]
-                cells.append("–" if None in means else f"{np.mean(means):.1f}")
+                cells.append("–" if None in means else f"{np.mean(means):.{digits}f}")
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -319,7 +326,28 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
             chosen = "; ".join(f"{m}: {s}" for m, (s, _) in sorted(methods.items()))
             lines.append(f"- {task}: {chosen}")
         lines.append("")
-    return lines, {"summary": summary}
+    losses = summarize(records, store.last_epoch_train_loss)
+    if losses:
+        lines += training_loss_tables(losses)
+    return lines, {"summary": summary, "last_epoch_train_loss": losses}
+
+
+def training_loss_tables(losses: dict) -> list[str]:
+    """The mean training loss of the last epoch, laid out as the score tables (runs whose record
+    keeps the logged losses only)."""
+    lines = ["## Training loss in the last epoch", ""]
+    lines.append(
+        "Mean over the last epoch's steps of the loss each step minimised (with R3F, the task "
+        "loss plus its penalty; with Mixout, on the mixed weights), mean ± std over seeds."
+    )
+    lines.append("")
+    for setting, tasks in sorted(losses.items()):
+        lines += [f"**{setting}**", ""]
+        if any(" + " in m for methods in tasks.values() for m in methods):
+            lines += regularizer_tables(tasks, {t: "loss" for t in tasks}, digits=3)
+        else:
+            lines += markdown_table(tasks, {t: "loss" for t in tasks}, digits=3) + [""]
+    return lines
 
 
 def constant_label_scores(eval_sets: dict[str, str], model_labels: tuple[str, ...]) -> dict:
@@ -446,6 +474,7 @@ def write_report(name: str, reports_dir: str = REPORTS_DIR) -> str:
             "eval": r["eval"],
             "extra_eval": r.get("extra_eval"),
             "wall_time_s": r["wall_time_s"],
+            "last_epoch_train_loss": store.last_epoch_train_loss(r),
         }
         for r in records
     ]

@@ -83,3 +83,31 @@ def load_results(specs: Iterable[RunSpec], results_dir: str = RESULTS_DIR) -> li
     """The records of the finished runs among ``specs``, in order."""
     records = (load_result(spec, results_dir) for spec in specs)
     return [r for r in records if r is not None]
+
+
+def logged_train_losses(output_dir: str) -> list[dict[str, Any]]:
+    """The training-loss lines of a run's ``metrics.jsonl`` (step, epoch, mean loss since the
+    previous line), in order; empty if the run logged none."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [{k: line[k] for k in ("step", "epoch", "loss")} for line in lines if "loss" in line]
+
+
+def last_epoch_train_loss(record: dict) -> float | None:
+    """The mean training loss over the steps of a record's last epoch, or ``None`` (records made
+    before the sweep kept the logged losses). Each logged line is the mean since the previous one,
+    and the trainer logs at every epoch's end, so the lines weighted by their steps give it."""
+    logged = record.get("train_loss")
+    if not logged:
+        return None
+    total = steps = 0.0
+    previous = 0
+    for line in logged:
+        if line["epoch"] == logged[-1]["epoch"]:
+            total += line["loss"] * (line["step"] - previous)
+            steps += line["step"] - previous
+        previous = line["step"]
+    return total / steps

@@ -80,7 +80,8 @@ def run_one(
     ``data_dirs`` (task -> ``data_dir``) overrides ``settings``' ``data_dir`` for the tasks it
     names, e.g. the hub for a task the local data folder does not hold.
 
-    The record is the run's ``results.json`` with the run id, overrides, command and wall time.
+    The record is the run's ``results.json`` with the run id, overrides, command, wall time and
+    logged training losses.
     Once it is saved the run's checkpoints are deleted (unless ``keep_checkpoints``); its
     ``params.msgpack``, logs and ``results.json`` stay in its work folder.
 
@@ -119,6 +120,7 @@ def run_one(
         "overrides": dict(spec.overrides),
         "command": shlex.join(["python", *command[1:]]),
         "wall_time_s": wall,
+        "train_loss": store.logged_train_losses(output_dir),
         # XLA's CPU results depend (at float rounding) on how many cores the process may use.
         "cpu_cores": len(os.sched_getaffinity(0)),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
