@@ -213,11 +213,19 @@ def make_optimizer(
     reg = regularizer or Regularizer()
     lr = settings.learning_rate
     chain = [optax.clip_by_global_norm(settings.max_grad_norm), child]
+    weight_decay_mask = decay_mask(params)
     if reg.name == "top_k":
         try:
-            chain.append(keep_whole_leaves(top_k_layers_mask(params, reg.top_k_layers)))
+            trained = top_k_layers_mask(params, reg.top_k_layers)
         except (TypeError, ValueError) as error:
             raise ValueError(f"config.top_k_layers={reg.top_k_layers!r}: {error}") from None
+        chain.append(keep_whole_leaves(trained))
+        # Frozen means unchanged, as with PyTorch's requires_grad=False: no weight decay either.
+        weight_decay_mask = jax.tree.map(
+            lambda decays, train: decays and bool(np.asarray(train).all()),
+            weight_decay_mask,
+            trained,
+        )
     decay_form = reg.decay_form if reg.name == "decay_to_pretrained" else None
     if decay_form == "penalty":
         c = reg.decay_coefficient
@@ -239,7 +247,7 @@ def make_optimizer(
                     anneal_t0=reg.recadam_anneal_t0,
                     anneal_w=reg.recadam_anneal_w,
                     pretrain_cof=reg.recadam_pretrain_cof,
-                    weight_decay_mask=decay_mask,
+                    weight_decay_mask=weight_decay_mask,
                 )
             )
         )
@@ -252,7 +260,7 @@ def make_optimizer(
                 b2=settings.b2,
                 eps=settings.eps,
                 weight_decay=settings.weight_decay,
-                mask=decay_mask(params),
+                mask=weight_decay_mask,
             )
         )
     if decay_form == "decoupled":

@@ -178,10 +178,13 @@ def _hand_chain(regularizer, mode, params, mask, config, schedule):
         "D": ct.child_tuning_d(mask),
     }[mode]
     wd_mask = recipe.decay_mask(params)
-    adamw = ct.hf_adamw(schedule, weight_decay=config.weight_decay, mask=wd_mask)
     chain = [optax.clip_by_global_norm(config.max_grad_norm), child]
     if regularizer == "top_k":
-        chain.append(ct.child_tuning_d(ct.top_k_layers_mask(params, 1)))
+        top_k = ct.top_k_layers_mask(params, 1)
+        chain.append(ct.child_tuning_d(top_k))
+        # Frozen leaves stay out of weight decay too (PyTorch's requires_grad=False).
+        wd_mask = jax.tree.map(lambda d, k: d and bool(k.all()), wd_mask, top_k)
+    adamw = ct.hf_adamw(schedule, weight_decay=config.weight_decay, mask=wd_mask)
     if regularizer == "decay_penalty":
         chain.append(ct.decay_to_pretrained(params, 0.5, mask=default_anchor_mask))
     if regularizer == "recadam":
@@ -211,10 +214,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
     name = case.split("_")[0] if case.startswith("decay") else case
     name = "decay_to_pretrained" if name == "decay" else name
     form = "decoupled" if case == "decay_decoupled" else "penalty"
-    weight_decay = 0.0 if case == "top_k" else 0.1  # (AdamW decays frozen parameters too)
-    config = _base_config(
-        regularizer=name, mode=mode, decay_form=form, weight_decay=weight_decay, **VISIBLE
-    )
+    config = _base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
     schedule = optax.linear_schedule(0.1, 0.02, 2)
     mask = _d_mask(params) if mode == "D" else None
     tx = recipe.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
@@ -241,7 +241,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
         anchor = regularizers.find_anchor(got_state)
         for a, b in zip(jax.tree.leaves(anchor), jax.tree.leaves(params), strict=True):
             assert np.array_equal(a, b)
-    if case == "top_k":  # nothing below the top layer moved
+    if case == "top_k":  # nothing below the top layer moved, weight decay notwithstanding
         moved = {n: bool((a != b).any()) for n, a, b in _named_pairs(p, params)}
         assert not any(v for n, v in moved.items() if "embeddings" in n or "layer/0/" in n)
         assert moved["classifier/kernel"] and moved["bert/pooler/dense/kernel"]

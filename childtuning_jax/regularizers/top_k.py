@@ -3,7 +3,9 @@
 A baseline for ChildTuning-D (Xu et al., 2021, compare their layer-wise baselines): instead of a
 Fisher-selected child network spread over all layers, the child network is the top K encoder
 layers. The mask has the form of :func:`childtuning_jax.fisher_mask`'s output, so
-``child_tuning_d(top_k_layers_mask(params, k))`` trains exactly those parameters.
+``child_tuning_d(top_k_layers_mask(params, k))`` trains exactly those parameters. With AdamW's
+weight decay, leave the frozen leaves out of its decay mask as well, or they shrink (PyTorch's
+``requires_grad=False`` leaves them untouched).
 """
 
 from __future__ import annotations
