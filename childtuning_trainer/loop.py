@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -133,9 +134,13 @@ class Run:
             data.train, order, self.global_batch, start_batch, data.padding
         )
 
+    @functools.cached_property
+    def _train_key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.config.seed), 3)
+
     def step_rng(self, step: int) -> jax.Array:
         """The key of step ``step`` (0-based; dropout, mixout, R3F noise)."""
-        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 3), step)
+        return jax.random.fold_in(self._train_key, step)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
