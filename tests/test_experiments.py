@@ -532,3 +532,24 @@ def test_linear_head_learns_separable_features():
     )
     accuracy = np.mean(np.argmax(x @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), 1) == y)
     assert accuracy > 0.95
+
+
+def test_cpu_worker_runs_the_queue_lines_in_order(tmp_path):
+    """experiments/cpu/worker.sh: every command line of the queue, in order, on the core given;
+    comments and blank lines skipped."""
+    queue = tmp_path / "queue.txt"
+    queue.write_text(
+        "# a comment line\n\n"
+        "--protocol=fewshot --name=first --tasks=rte --seeds=42 --modes=D --dry_run\n"
+        "  \n"
+        "--protocol=pruning --name=second --tasks=cola --seeds=52 --dry_run\n"
+    )
+    script = os.path.join(REPO, "experiments", "cpu", "worker.sh")
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["bash", script, "0", str(queue)], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    started = [line for line in out.splitlines() if " core 0: sweep.py " in line]
+    assert len(started) == 2 and "--name=first" in started[0] and "--name=second" in started[1]
+    assert "first: 1 runs" in out and "rte-D-n1000" in out
+    assert out.index("first: ") < out.index("second: 5 runs") and "cola-D-prune-n1000" in out

@@ -5,6 +5,7 @@
 # The workers share the runs through the sweep's lock files. Each run imports the trainer when it
 # starts, so to edit the trainer while a queue runs, start the workers from a copy of the tree
 # (git worktree) whose experiments/, runs/, .venv and .jax_cache link to this one's.
+# PYTHON: the interpreter (default .venv/bin/python).
 set -u
 core=${1:?usage: worker.sh CORE [QUEUE]}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -13,5 +14,5 @@ cd "$root"
 grep -v -e '^#' -e '^[[:space:]]*$' "$queue" | while read -r flags; do
   echo "$(date -u +%FT%TZ) core $core: sweep.py $flags"
   # shellcheck disable=SC2086  # the line's flags are split on spaces
-  taskset -c "$core" nice -n 19 .venv/bin/python sweep.py $flags < /dev/null
+  taskset -c "$core" nice -n 19 "${PYTHON:-.venv/bin/python}" sweep.py $flags < /dev/null
 done
