@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -171,21 +172,27 @@ def anchored_at_init(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def keep_whole_leaves(mask: Any) -> optax.GradientTransformation:
-    """``child_tuning_d(mask)`` for a mask whose every leaf is all True or all False (such as
-    ``top_k_layers_mask``), without state: each update leaf passes or is zeroed.
-
-    (A ``ChildTuningDState`` of uniform leaves only would hold an empty mask buffer, which orbax
-    refuses to checkpoint; this keeps nothing but one Python bool per leaf.)
-    """
+def whole_leaf_flags(mask: Any) -> Any:
+    """One Python bool per leaf of a mask whose every leaf is all True or all False."""
 
     def keep(leaf: Any) -> bool:
         leaf = np.asarray(leaf)
         if leaf.size and leaf.any() != leaf.all():
-            raise ValueError("keep_whole_leaves needs every mask leaf all True or all False")
+            raise ValueError("a whole-leaf mask needs every leaf all True or all False")
         return bool(leaf.all())
 
-    flags = jax.tree.map(keep, mask)
+    return jax.tree.map(keep, mask)
+
+
+def keep_whole_leaves(mask: Any) -> optax.GradientTransformation:
+    """``child_tuning_d(mask)`` for a mask whose every leaf is all True or all False (such as
+    ``top_k_layers_mask``, or its :func:`whole_leaf_flags`), without state: each update leaf
+    passes or is zeroed.
+
+    (A ``ChildTuningDState`` of uniform leaves only would hold an empty mask buffer, which orbax
+    refuses to checkpoint; this keeps nothing but one Python bool per leaf.)
+    """
+    flags = whole_leaf_flags(mask)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> Any:
         del params
@@ -216,16 +223,12 @@ def make_optimizer(
     weight_decay_mask = decay_mask(params)
     if reg.name == "top_k":
         try:
-            trained = top_k_layers_mask(params, reg.top_k_layers)
+            trained = whole_leaf_flags(top_k_layers_mask(params, reg.top_k_layers))
         except (TypeError, ValueError) as error:
             raise ValueError(f"config.top_k_layers={reg.top_k_layers!r}: {error}") from None
         chain.append(keep_whole_leaves(trained))
         # Frozen means unchanged, as with PyTorch's requires_grad=False: no weight decay either.
-        weight_decay_mask = jax.tree.map(
-            lambda decays, train: decays and bool(np.asarray(train).all()),
-            weight_decay_mask,
-            trained,
-        )
+        weight_decay_mask = jax.tree.map(operator.and_, weight_decay_mask, trained)
     decay_form = reg.decay_form if reg.name == "decay_to_pretrained" else None
     if decay_form == "penalty":
         c = reg.decay_coefficient

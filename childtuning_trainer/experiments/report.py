@@ -175,6 +175,12 @@ def _regularizer_tables(tasks: dict) -> tuple[dict, list[str], list[str]]:
     return tables, sorted(regs, key=lambda r: (r != "none", r)), ordered_modes
 
 
+def has_regularizers(tasks: dict) -> bool:
+    """True when some method combines a regulariser with a mode: a row per regulariser then
+    reads better than a column per combination."""
+    return any(" + " in m for methods in tasks.values() for m in methods)
+
+
 def regularizer_tables(tasks: dict, metric_names: dict[str, str], digits: int = 1) -> list[str]:
     """One table per task, rows the regularisers (``none`` first), columns the modes; then the
     average over tasks of each cell's mean (the paper's Table 3 layout)."""
@@ -308,9 +314,7 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
         lines += [f"## Shared setting: {setting}", ""]
         png = f"bars_{i}.png"
         title = f"{protocol.name}: {setting}"
-        if any(" + " in m for methods in tasks.values() for m in methods):
-            # Regularisers alone and with F / D: a row per regulariser reads better than a column
-            # per combination.
+        if has_regularizers(tasks):
             lines += regularizer_tables(tasks, metric_names)
             regularizer_plot(tasks, title, os.path.join(out_dir, png))
         else:
@@ -343,7 +347,7 @@ def training_loss_tables(losses: dict) -> list[str]:
     lines.append("")
     for setting, tasks in sorted(losses.items()):
         lines += [f"**{setting}**", ""]
-        if any(" + " in m for methods in tasks.values() for m in methods):
+        if has_regularizers(tasks):
             lines += regularizer_tables(tasks, {t: "loss" for t in tasks}, digits=3)
         else:
             lines += markdown_table(tasks, {t: "loss" for t in tasks}, digits=3) + [""]
