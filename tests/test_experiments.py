@@ -182,6 +182,33 @@ def test_regularizer_report_has_a_row_per_regularizer_and_a_column_per_mode(tmp_
     assert (tmp_path / "experiments" / "regs" / "bars_0.png").stat().st_size > 1000
 
 
+def test_child_tuning_gain_pairs_each_seed_with_vanillas_run_of_the_same_regularizer():
+    records = []
+    values = {  # (regularizer, mode) -> {seed: accuracy}
+        ("none", "vanilla"): {42: 0.50, 52: 0.60, 57: 0.70},
+        ("none", "D"): {42: 0.52, 52: 0.61},  # seed 57 not finished: left out of the pairs
+        ("mixout", "vanilla"): {42: 0.55},
+        ("mixout", "F"): {42: 0.50},
+    }
+    for (reg, mode), seeds in values.items():
+        for seed, v in seeds.items():
+            records.append(_record("rte", mode, seed, v, regularizer=reg)[1])
+    tasks = report.summarize(records)["lr 0.0001"]
+    text = "\n".join(report.child_tuning_gains(tasks))
+    assert "| regulariser | F − vanilla | D − vanilla |" in text
+    diffs = np.array([2.0, 1.0])  # paired: 52 - 50, 61 - 60 (the unpaired means would give -4.0)
+    assert f"| none | – | +{diffs.mean():.1f} ± {diffs.std(ddof=1):.1f} (2) |" in text
+    assert "| mixout | -5.0 (1) | – |" in text
+    no_vanilla = {t: {m: s for m, s in ms.items() if "vanilla" not in m} for t, ms in tasks.items()}
+    assert report.child_tuning_gains(no_vanilla) == []
+
+
+def test_regularizer_table_gives_the_trivial_predictor_under_each_task():
+    records = [_record("rte", "D", 42, 0.6, regularizer="mixout")[1]]
+    lines = report.regularizer_tables(report.summarize(records)["lr 0.0001"], {}, {"rte": 52.7})
+    assert "Trivial predictor (mean over seeds): 52.7." in lines
+
+
 def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():
     # Epochs of 25 steps, a line every 10 steps and at each epoch's end.
     logged = [

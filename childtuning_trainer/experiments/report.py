@@ -80,12 +80,13 @@ def mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
-def cell(stats: dict | None, digits: int = 1) -> str:
+def cell(stats: dict | None, digits: int = 1, signed: bool = False) -> str:
     if stats is None:
         return "–"
+    mean = f"{stats['mean']:{'+' if signed else ''}.{digits}f}"
     if stats["n"] == 1:
-        return f"{stats['mean']:.{digits}f} (1)"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} ({stats['n']})"
+        return f"{mean} (1)"
+    return f"{mean} ± {stats['std']:.{digits}f} ({stats['n']})"
 
 
 def summarize(
@@ -181,9 +182,15 @@ def has_regularizers(tasks: dict) -> bool:
     return any(" + " in m for methods in tasks.values() for m in methods)
 
 
-def regularizer_tables(tasks: dict, metric_names: dict[str, str], digits: int = 1) -> list[str]:
-    """One table per task, rows the regularisers (``none`` first), columns the modes; then the
-    average over tasks of each cell's mean (the paper's Table 3 layout)."""
+def regularizer_tables(
+    tasks: dict,
+    metric_names: dict[str, str],
+    baselines: dict[str, float] | None = None,
+    digits: int = 1,
+) -> list[str]:
+    """One table per task, rows the regularisers (``none`` first), columns the modes, and the
+    trivial predictor's score under it when ``baselines`` are given; then the average over tasks
+    of each cell's mean (the paper's Table 3 layout)."""
     tables, regs, modes = _regularizer_tables(tasks)
     header = ["| regulariser | " + " | ".join(modes) + " |", "| --- |" + " ---: |" * len(modes)]
     lines: list[str] = []
@@ -194,6 +201,8 @@ def regularizer_tables(tasks: dict, metric_names: dict[str, str], digits: int = 
             cells = [cell(table.get(reg, {}).get(m), digits) for m in modes]
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
+        if baselines and task in baselines:
+            lines += [f"Trivial predictor (mean over seeds): {baselines[task]:.1f}.", ""]
     if len(tasks) > 1:
         lines += [f"**average over {', '.join(sorted(tasks))}**", "", *header]
         for reg in regs:
@@ -201,6 +210,46 @@ def regularizer_tables(tasks: dict, metric_names: dict[str, str], digits: int = 
             for m in modes:
                 means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables.values()]
                 cells.append("–" if None in means else f"{np.mean(means):.{digits}f}")
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def child_tuning_gains(tasks: dict, digits: int = 1) -> list[str]:
+    """Per task, what each mode adds to each regulariser alone: rows the regularisers, columns
+    ``MODE − vanilla``, cells the mean ± std over seeds of the per-seed difference (a seed fixes the
+    training subset and the classifier's initialisation, so the two runs of a seed pair up); then
+    the average over tasks of each cell's mean. The paper's orthogonality claim reads as positive
+    cells in every row."""
+    tables, regs, modes = _regularizer_tables(tasks)
+    others = [m for m in modes if m != "vanilla"]
+    if "vanilla" not in modes or not others:
+        return []
+    columns = [f"{m} − vanilla" for m in others]
+    header = ["| regulariser | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(others)]
+    gains: dict = {}
+    for task, table in tables.items():
+        for reg, row in table.items():
+            base = row.get("vanilla", {}).get("seeds", {})
+            for m in others:
+                seeds = row.get(m, {}).get("seeds", {})
+                paired = [seeds[s] - base[s] for s in sorted(seeds) if s in base]
+                if paired:
+                    gains.setdefault(task, {}).setdefault(reg, {})[m] = mean_std(paired)
+    lines: list[str] = []
+    for task in sorted(gains):
+        lines += [f"**{task}**", "", *header]
+        for reg in regs:
+            cells = [cell(gains[task].get(reg, {}).get(m), digits, signed=True) for m in others]
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(gains) > 1:
+        lines += [f"**average over {', '.join(sorted(gains))}**", "", *header]
+        for reg in regs:
+            cells = []
+            for m in others:
+                means = [gains[t].get(reg, {}).get(m, {}).get("mean") for t in gains]
+                cells.append("–" if None in means else f"{np.mean(means):+.{digits}f}")
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -315,12 +364,21 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
         png = f"bars_{i}.png"
         title = f"{protocol.name}: {setting}"
         if has_regularizers(tasks):
-            lines += regularizer_tables(tasks, metric_names)
+            lines += regularizer_tables(tasks, metric_names, baselines)
             regularizer_plot(tasks, title, os.path.join(out_dir, png))
+            lines += [f"![{setting}]({png})", ""]
+            if gains := child_tuning_gains(tasks):
+                lines += [f"### What Child-Tuning adds to each regulariser ({setting})", ""]
+                lines += [
+                    "Each cell: the mean ± std over seeds of a mode's score minus vanilla's with "
+                    "the same regulariser and seed (score x 100).",
+                    "",
+                    *gains,
+                ]
         else:
             lines += markdown_table(tasks, metric_names, baselines) + [""]
             bar_plot(tasks, title, os.path.join(out_dir, png))
-        lines += [f"![{setting}]({png})", ""]
+            lines += [f"![{setting}]({png})", ""]
     best = best_settings(summary)
     if len(summary) > 1:
         lines += ["## Each method at its own best setting (chosen on dev, as the paper did)", ""]
