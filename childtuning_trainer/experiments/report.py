@@ -182,6 +182,44 @@ def has_regularizers(tasks: dict) -> bool:
     return any(" + " in m for methods in tasks.values() for m in methods)
 
 
+def _render_by_regularizer(
+    tables: dict,
+    regs: list[str],
+    columns: dict[str, str],
+    titles: dict[str, str],
+    notes: dict[str, str],
+    digits: int,
+    signed: bool = False,
+) -> list[str]:
+    """``tables`` (``{task: {regulariser: {column: stats}}}``) as one table per task, rows the
+    regularisers, ``columns`` (key: header) in order, each task's note under it; then the average
+    over tasks of each cell's mean."""
+    header = ["| regulariser | " + " | ".join(columns.values()) + " |"]
+    header.append("| --- |" + " ---: |" * len(columns))
+    lines: list[str] = []
+    for task in sorted(tables):
+        lines += [f"**{titles[task]}**", "", *header]
+        for reg in regs:
+            cells = [cell(tables[task].get(reg, {}).get(c), digits, signed) for c in columns]
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if task in notes:
+            lines += [notes[task], ""]
+    if len(tables) > 1:
+        lines += [f"**average over {', '.join(sorted(tables))}**", "", *header]
+        for reg in regs:
+            cells = []
+            for c in columns:
+                means = [table.get(reg, {}).get(c, {}).get("mean") for table in tables.values()]
+                mean = (
+                    "–" if None in means else f"{np.mean(means):{'+' if signed else ''}.{digits}f}"
+                )
+                cells.append(mean)
+            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def regularizer_tables(
     tasks: dict,
     metric_names: dict[str, str],
@@ -192,27 +230,13 @@ def regularizer_tables(
     trivial predictor's score under it when ``baselines`` are given; then the average over tasks
     of each cell's mean (the paper's Table 3 layout)."""
     tables, regs, modes = _regularizer_tables(tasks)
-    header = ["| regulariser | " + " | ".join(modes) + " |", "| --- |" + " ---: |" * len(modes)]
-    lines: list[str] = []
-    for task in sorted(tasks):
-        table = tables[task]
-        lines += [f"**{task} ({metric_names.get(task, '?')})**", "", *header]
-        for reg in regs:
-            cells = [cell(table.get(reg, {}).get(m), digits) for m in modes]
-            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if baselines and task in baselines:
-            lines += [f"Trivial predictor (mean over seeds): {baselines[task]:.1f}.", ""]
-    if len(tasks) > 1:
-        lines += [f"**average over {', '.join(sorted(tasks))}**", "", *header]
-        for reg in regs:
-            cells = []
-            for m in modes:
-                means = [table.get(reg, {}).get(m, {}).get("mean") for table in tables.values()]
-                cells.append("–" if None in means else f"{np.mean(means):.{digits}f}")
-            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
+    titles = {task: f"{task} ({metric_names.get(task, '?')})" for task in tasks}
+    notes = {
+        task: f"Trivial predictor (mean over seeds): {score:.1f}."
+        for task, score in (baselines or {}).items()
+        if task in tasks
+    }
+    return _render_by_regularizer(tables, regs, {m: m for m in modes}, titles, notes, digits)
 
 
 def child_tuning_gains(tasks: dict, digits: int = 1) -> list[str]:
@@ -225,8 +249,6 @@ def child_tuning_gains(tasks: dict, digits: int = 1) -> list[str]:
     others = [m for m in modes if m != "vanilla"]
     if "vanilla" not in modes or not others:
         return []
-    columns = [f"{m} − vanilla" for m in others]
-    header = ["| regulariser | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(others)]
     gains: dict = {}
     for task, table in tables.items():
         for reg, row in table.items():
@@ -236,23 +258,9 @@ def child_tuning_gains(tasks: dict, digits: int = 1) -> list[str]:
                 paired = [seeds[s] - base[s] for s in sorted(seeds) if s in base]
                 if paired:
                     gains.setdefault(task, {}).setdefault(reg, {})[m] = mean_std(paired)
-    lines: list[str] = []
-    for task in sorted(gains):
-        lines += [f"**{task}**", "", *header]
-        for reg in regs:
-            cells = [cell(gains[task].get(reg, {}).get(m), digits, signed=True) for m in others]
-            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if len(gains) > 1:
-        lines += [f"**average over {', '.join(sorted(gains))}**", "", *header]
-        for reg in regs:
-            cells = []
-            for m in others:
-                means = [gains[t].get(reg, {}).get(m, {}).get("mean") for t in gains]
-                cells.append("–" if None in means else f"{np.mean(means):+.{digits}f}")
-            lines.append(f"| {reg} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
+    columns = {m: f"{m} − vanilla" for m in others}
+    titles = {task: task for task in gains}
+    return _render_by_regularizer(gains, regs, columns, titles, {}, digits, signed=True)
 
 
 def regularizer_plot(tasks: dict, title: str, path: str) -> None:
