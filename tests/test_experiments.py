@@ -209,6 +209,33 @@ def test_regularizer_table_gives_the_trivial_predictor_under_each_task():
     assert "Trivial predictor (mean over seeds): 52.7." in lines
 
 
+def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    records = [
+        _record("rte", mode, seed, v, regularizer=reg)[1]
+        for reg, mode, seed, v in [
+            ("none", "vanilla", 42, 0.54),
+            ("none", "vanilla", 52, 0.56),
+            ("mixout", "D", 42, 0.50),
+        ]
+    ]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    path = tmp_path / "bars.png"
+    report.regularizer_plot(report.summarize(records)["lr 0.0001"], "t", str(path), {"rte": 52.7})
+    assert path.stat().st_size > 0
+    (ax,) = figures[0].axes
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [tuple(line.get_ydata()) for line in dashed] == [(52.7, 52.7)]
+    points = {
+        bars.get_label(): [y for y in bars.lines[0].get_ydata() if np.isfinite(y)]
+        for bars in ax.containers
+    }
+    assert points["vanilla"] == [pytest.approx(55.0)] and points["D"] == [pytest.approx(50.0)]
+    plt.close(figures[0])
+
+
 def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():
     # Epochs of 25 steps, a line every 10 steps and at each epoch's end.
     logged = [

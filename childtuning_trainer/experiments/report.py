@@ -263,8 +263,15 @@ def child_tuning_gains(tasks: dict, digits: int = 1) -> list[str]:
     return _render_by_regularizer(gains, regs, columns, titles, {}, digits, signed=True)
 
 
-def regularizer_plot(tasks: dict, title: str, path: str) -> None:
-    """One panel per task: a group per regulariser, a bar per mode (± std over seeds)."""
+def regularizer_plot(
+    tasks: dict, title: str, path: str, baselines: dict[str, float] | None = None
+) -> None:
+    """One panel per task: a group per regulariser, a point per mode (mean ± std over seeds).
+
+    Points rather than bars, on an axis fitted to the data: the scores sit far from zero and the
+    differences between cells are a point or two. A task's trivial predictor (``baselines``) is a
+    dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,16 +280,19 @@ def regularizer_plot(tasks: dict, title: str, path: str) -> None:
     tables, regs, modes = _regularizer_tables(tasks)
     names = sorted(tasks)
     fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.9 * len(regs) * len(names), 3.6))
-    width = 0.8 / max(len(modes), 1)
+    offset = 0.6 / max(len(modes), 1)
     for ax, task in zip(np.atleast_1d(axes), names, strict=True):
         table = tables[task]
         for i, m in enumerate(modes):
             means = [table.get(r, {}).get(m, {}).get("mean", np.nan) for r in regs]
             stds = [table.get(r, {}).get(m, {}).get("std", 0.0) for r in regs]
-            xs = np.arange(len(regs)) + (i - (len(modes) - 1) / 2) * width
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=m)
+            xs = np.arange(len(regs)) + (i - (len(modes) - 1) / 2) * offset
+            ax.errorbar(xs, means, yerr=stds, fmt="o", ms=4, capsize=2, label=m)
+        if baselines and task in baselines:
+            ax.axhline(baselines[task], color="gray", ls="--", lw=1, label="trivial predictor")
         ax.set_xticks(np.arange(len(regs)), [r.split(" (")[0] for r in regs], rotation=30)
         ax.set_title(task, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("dev score x 100 (mean ± std)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -373,7 +383,7 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
         title = f"{protocol.name}: {setting}"
         if has_regularizers(tasks):
             lines += regularizer_tables(tasks, metric_names, baselines)
-            regularizer_plot(tasks, title, os.path.join(out_dir, png))
+            regularizer_plot(tasks, title, os.path.join(out_dir, png), baselines)
             lines += [f"![{setting}]({png})", ""]
             if gains := child_tuning_gains(tasks):
                 lines += [f"### What Child-Tuning adds to each regulariser ({setting})", ""]
