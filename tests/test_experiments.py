@@ -220,8 +220,8 @@ def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, mo
             ("mixout", "D", 42, 0.50),
         ]
     ]
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
     path = tmp_path / "bars.png"
     report.regularizer_plot(report.summarize(records)["lr 0.0001"], "t", str(path), {"rte": 52.7})
     assert path.stat().st_size > 0
@@ -233,7 +233,7 @@ def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, mo
         for bars in ax.containers
     }
     assert points["vanilla"] == [pytest.approx(55.0)] and points["D"] == [pytest.approx(50.0)]
-    plt.close(figures[0])
+    close(figures[0])
 
 
 def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():

@@ -207,14 +207,12 @@ def _render_by_regularizer(
             lines += [notes[task], ""]
     if len(tables) > 1:
         lines += [f"**average over {', '.join(sorted(tables))}**", "", *header]
+        sign = "+" if signed else ""
         for reg in regs:
             cells = []
             for c in columns:
                 means = [table.get(reg, {}).get(c, {}).get("mean") for table in tables.values()]
-                mean = (
-                    "–" if None in means else f"{np.mean(means):{'+' if signed else ''}.{digits}f}"
-                )
-                cells.append(mean)
+                cells.append("–" if None in means else f"{np.mean(means):{sign}.{digits}f}")
             lines.append(f"| {reg} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
