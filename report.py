@@ -3,8 +3,8 @@
   python report.py fewshot pruning
 
 Reads ``experiments/<name>/protocol.json`` (written by ``sweep.py``) and the finished runs in
-``experiments/runs/``; writes ``report.md``, ``summary.json`` and the plots to
-``experiments/<name>/``.
+``experiments/runs.jsonl`` (probes: ``experiments/probes.jsonl``); writes ``report.md``,
+``summary.json`` and the plots to ``experiments/<name>/``.
 With no name, every protocol under ``experiments/``.
 """
 
@@ -13,16 +13,16 @@ import sys
 
 from absl import app
 
-from childtuning_trainer.experiments import report
+from childtuning_trainer.experiments import protocol_reports, protocols, store
 
 
 def main(argv: list[str]) -> None:
     names = argv[1:] or sorted(
-        d for d in os.listdir(report.REPORTS_DIR) if os.path.exists(report.protocol_path(d))
+        d for d in os.listdir(store.REPORTS_DIR) if os.path.exists(protocols.protocol_path(d))
     )
     for name in names:
         try:
-            print(report.write_report(name))
+            print(protocol_reports.write_report(name))
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

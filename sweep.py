@@ -5,9 +5,10 @@
 
 Protocols (childtuning_trainer.experiments.protocols): seeds | fewshot | pruning | domain |
 taskgen. Every run is ``train.py`` with the protocol's overrides in ``runs/sweep/<run_id>``; its
-result is kept in ``experiments/runs/<run_id>.json``, and finished runs are skipped, so the same
-command continues an interrupted sweep. The report (Markdown, JSON, plots) goes to
-``experiments/<name>/`` after every finished run; ``report.py`` rebuilds it.
+result is a line of ``experiments/runs.jsonl``, and finished runs are skipped, so the same command
+continues an interrupted sweep. The report (Markdown, JSON, plots) goes to ``experiments/<name>/``
+after every finished run; ``report.py`` rebuilds it. With ``--commit``, the records and the report
+are committed once the sweep has gone through its runs (a block, not each run).
 """
 
 import os
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags
 
 from childtuning_trainer import recipe, regularizers, tasks
-from childtuning_trainer.experiments import protocols, report, sweep
+from childtuning_trainer.experiments import protocol_reports, protocols, runner, store
 from childtuning_trainer.tasks import nli
 
 PROTOCOLS = ("seeds", "fewshot", "pruning", "domain", "taskgen")
@@ -73,10 +74,13 @@ _NLI_DIR = flags.DEFINE_string(
 )
 _FISHER_CACHE = flags.DEFINE_string(
     "fisher_cache_dir",
-    sweep.FISHER_CACHE_DIR,
+    runner.FISHER_CACHE_DIR,
     "Where ChildTuning-D runs store and share their Fisher passes (empty: off).",
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
+_COMMIT = flags.DEFINE_bool(
+    "commit", False, "Once the sweep has gone through its runs, git-commit its records and report."
+)
 
 
 def key_values(items: list[str], flag: str) -> dict[str, str]:
@@ -220,8 +224,8 @@ def main(argv: list[str]) -> None:
         for spec in protocol.specs:
             print(" ", spec.run_id)
         return
-    report.save_protocol(protocol)
-    refresh = lambda: report.write_report(protocol.name)
+    protocols.save_protocol(protocol)
+    refresh = lambda: protocol_reports.write_report(protocol.name)
     # Settings do not name a run: a D run of the same task, seed and subset loads the Fisher pass
     # another run stored (the same arrays; see childtuning_trainer.fisher_cache).
     settings = {"data_dir": data_dir}
@@ -232,15 +236,19 @@ def main(argv: list[str]) -> None:
     # scores further evaluation sets without training again.
     if protocol.kind == "domain":
         kwargs.update(keep_checkpoints=True, settings={**settings, "keep_checkpoints": 1})
-    _, failures = sweep.run_all(protocol.specs, on_result=refresh, **kwargs)
+    _, failures = runner.run_all(protocol.specs, on_result=refresh, **kwargs)
     if protocol.probes:
         from childtuning_trainer.experiments import probe
 
         failures += probe.run_probes(
             protocol, data_dir=data_dir, on_result=refresh, data_dirs=data_dirs
         )
-    path = report.write_report(protocol.name)
+    path = protocol_reports.write_report(protocol.name)
     print(f"report: {path}")
+    if _COMMIT.value:
+        done = f"{len(store.load_results(protocol.specs))} of {len(protocol.specs)} runs recorded"
+        if runner.commit_results(protocol.name, f"{protocol.name}: block finished, {done}"):
+            print(f"committed: {protocol.name}, {done}")
     if failures:
         print(f"error: {len(failures)} run(s) failed", file=sys.stderr)
         sys.exit(1)

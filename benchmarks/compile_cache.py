@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 from benchmarks.padding import GLUE_DIR, REPO, minilm, tiny_model
-from childtuning_trainer.experiments import sweep
+from childtuning_trainer.experiments import runner
 from childtuning_trainer.experiments.store import RunSpec
 
 CONTENDERS = ("no_cache", "cold_cache", "warm_cache")
@@ -43,12 +43,12 @@ def run(*, smoke: bool = False) -> dict[str, Any]:
         cache = os.path.join(work, "cache")
         out: dict[str, Any] = {"run": dict(spec.overrides) | {"model": os.path.basename(model)}}
         for i, name in enumerate(CONTENDERS):
-            record = sweep.run_one(
+            record = runner.run_one(
                 spec,
                 config_file=os.path.join(REPO, "configs", "glue.py"),
                 train_script=os.path.join(REPO, "train.py"),
                 settings={"data_dir": GLUE_DIR},
-                results_dir=os.path.join(work, f"results{i}"),
+                results_file=os.path.join(work, f"results{i}.jsonl"),
                 work_dir=os.path.join(work, f"work{i}"),
                 cache_dir=None if name == "no_cache" else cache,
             )

@@ -1,6 +1,8 @@
 """The experiment protocols: run naming, the resumable sweep, the report, the mask-rule ablations,
 pruning, the saved model and the linear probe of task generalisation."""
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +16,16 @@ from test_train import GLUE_DIR, REPO, _tiny_bert
 
 from childtuning_jax import fisher_mask, leaf_names
 from childtuning_trainer import recipe, saved_model
-from childtuning_trainer.experiments import probe, protocols, report, store, sweep
+from childtuning_trainer.experiments import (
+    plots,
+    probe,
+    protocol_reports,
+    protocols,
+    runner,
+    statistics,
+    store,
+    tables,
+)
 from childtuning_trainer.experiments.store import RunSpec
 
 needs_glue = pytest.mark.skipif(
@@ -112,6 +123,144 @@ def test_domain_leaves_out_the_source_set():
 
 
 # ---------------------------------------------------------------------------------------------
+# The results files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_recorded_run_is_skipped_not_run_again(tmp_path):
+    results = str(tmp_path / "runs.jsonl")
+    spec = RunSpec.of(task="no_such_task", mode="D")  # would fail if the sweep ran it
+    record = {"run_id": spec.run_id, "eval": {"accuracy": 0.5}, "wall_time_s": 1.0}
+    assert store.save_result(spec, record, results)
+    assert not store.save_result(spec, {**record, "eval": {"accuracy": 0.9}}, results)  # kept once
+    kwargs = dict(results_file=results, work_dir=str(tmp_path / "work"), cache_dir=None)
+    assert runner.run_all([spec], **kwargs) == ([record], [])
+    assert runner.run_one(spec, **kwargs) == record
+    assert not (tmp_path / "work" / spec.run_id).exists()  # no train.py was started
+    assert open(results).read().count("\n") == 1
+
+
+def test_concurrent_appends_never_interleave_and_record_a_key_once(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    # Lines of 20 kB (more than one pipe buffer), and a key every process appends.
+    script = (
+        "import sys\n"
+        "from childtuning_trainer.experiments import store\n"
+        "w = sys.argv[1]\n"
+        "for i in range(10):\n"
+        "    store.append_record({'run_id': f'w{w}-{i}', 'pad': w * 20_000}, sys.argv[2])\n"
+        "    store.append_record({'run_id': f'shared-{i}', 'by': w}, sys.argv[2])\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(w), str(path)], cwd=REPO)
+        for w in range(4)
+    ]
+    assert [p.wait() for p in procs] == [0] * 4
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+    ids = [r["run_id"] for r in records]
+    assert len(ids) == 4 * 10 + 10 == len(set(ids))
+    assert all(r["pad"] == r["run_id"][1] * 20_000 for r in records if "pad" in r)
+
+
+def test_a_broken_line_is_named():
+    with pytest.raises(ValueError, match=r"runs.jsonl, line 2: not a JSON record with 'run_id'"):
+        store._parse('{"run_id": "a"}\n{"run_id": \n', "runs.jsonl", "run_id")
+
+
+def _per_run_file_records() -> tuple[list[RunSpec], list[dict]]:
+    """A small few-shot table's records, as each run's JSON file kept them."""
+    specs, records = [], []
+    for mode, values in (("vanilla", (0.61, 0.65)), ("D", (0.66, 0.71))):
+        for seed, value in zip((42, 52), values, strict=True):
+            spec = RunSpec.of(task="rte", mode=mode, seed=seed, learning_rate=1e-4)
+            records.append(
+                {
+                    "run_id": spec.run_id,
+                    "overrides": dict(spec.overrides),
+                    "eval": {"accuracy": value},
+                    "best": {"metric": "accuracy"},
+                    "baseline": {"eval": {"accuracy": 0.5 + seed / 1000}},
+                    "command": f"python train.py --config.seed={seed}",
+                    "wall_time_s": 10.0 + seed,
+                    "train_loss": [{"step": 4, "epoch": 1, "loss": value / 2}],
+                }
+            )
+            specs.append(spec)
+    return specs, records
+
+
+# What report.py wrote from these records when each run was its own JSON file: report.md, and the
+# SHA-256 of summary.json.
+PER_RUN_FILE_REPORT = (
+    "# demo (table)\n\n4 of 4 runs finished; seeds [42, 52].\n"
+    "A run's command, e.g.: `python train.py --config.seed=42`\n\n"
+    "## Shared setting: lr 0.0001\n\n"
+    "| task (metric) | vanilla | D | trivial |\n| --- | ---: | ---: | ---: |\n"
+    "| rte (accuracy) | 63.0 ± 2.8 (2) | 68.5 ± 3.5 (2) | 54.7 |\n\n"
+    "![lr 0.0001](bars_0.png)\n\n## Training loss in the last epoch\n\n"
+    "Mean over the last epoch's steps of the loss each step minimised (with R3F, the task loss "
+    "plus its penalty; with Mixout, on the mixed weights), mean ± std over seeds.\n\n"
+    "**lr 0.0001**\n\n| task (metric) | vanilla | D |\n| --- | ---: | ---: |\n"
+    "| rte (loss) | 0.315 ± 0.014 (2) | 0.343 ± 0.018 (2) |\n"
+)
+PER_RUN_FILE_SUMMARY_SHA256 = "1af8e4cc3a789eabd32341348462768bf02481fe6da7318db8b655d9d20d0081"
+
+
+def test_converted_per_run_files_rebuild_the_same_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    specs, records = _per_run_file_records()
+    os.makedirs("old/runs")
+    os.makedirs("old/probes")
+    for record in records:
+        with open(f"old/runs/{record['run_id']}.json", "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+    probe_result = {"eval": {"accuracy": 0.6}, "metric": "accuracy", "target": "mrpc"}
+    with open(f"old/probes/{specs[0].run_id}--mrpc.json", "w") as f:
+        json.dump(probe_result, f)
+    spec = importlib.util.spec_from_file_location(
+        "import_results", os.path.join(REPO, "tools", "import_results.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.import_results(["old/runs", "old/probes"]) == (4, 1)
+    assert tool.import_results(["old/runs", "old/probes"]) == (0, 0)  # nothing twice
+    assert store.load_results(specs) == records
+    assert store.load_probe(specs[0], "mrpc") == {
+        **probe_result,
+        "probe_id": f"{specs[0].run_id}--mrpc",
+    }
+    protocols.save_protocol(protocols.Protocol("demo", "table", tuple(specs)))
+    assert open(protocol_reports.write_report("demo")).read() == PER_RUN_FILE_REPORT
+    summary = (tmp_path / "experiments" / "demo" / "summary.json").read_bytes()
+    assert hashlib.sha256(summary).hexdigest() == PER_RUN_FILE_SUMMARY_SHA256
+
+
+def test_commit_results_commits_a_finished_block_once(tmp_path, monkeypatch):
+    for who in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{who}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@example.com")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "experiments" / "demo").mkdir(parents=True)
+    (repo / "notes.txt").write_text("not a result\n")
+    spec, record = _record("rte", "D", 42, 0.7)
+    store.save_result(spec, record, str(repo / "experiments" / "runs.jsonl"))
+    (repo / "experiments" / "demo" / "report.md").write_text("# demo\n")
+    kwargs = dict(reports_dir=str(repo / "experiments"), work_dir=str(tmp_path / "work"))
+    assert runner.commit_results("demo", "demo: block finished", **kwargs)
+    assert not runner.commit_results("demo", "demo: block finished", **kwargs)  # nothing new
+    git = lambda *args: subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert git("log", "--format=%s") == ["demo:", "block", "finished"]
+    assert git("show", "--name-only", "--format=") == [
+        "experiments/demo/report.md",
+        "experiments/runs.jsonl",
+    ]
+    assert git("status", "--porcelain") == ["??", "notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
@@ -140,8 +289,8 @@ def test_report_tables_mean_and_sample_std_over_seeds(tmp_path, monkeypatch):
             specs.append(spec)
     missing, _ = _record("rte", "F", 42, 0.0)  # listed by the protocol, not finished
     protocol = protocols.Protocol("demo", "table", (*specs, missing))
-    report.save_protocol(protocol)
-    path = report.write_report("demo")
+    protocols.save_protocol(protocol)
+    path = protocol_reports.write_report("demo")
     text = open(path).read()
     assert "6 of 7 runs finished" in text
     assert "62.0 ± 2.0 (3)" in text  # vanilla: mean 62, sample std 2
@@ -170,8 +319,8 @@ def test_regularizer_report_has_a_row_per_regularizer_and_a_column_per_mode(tmp_
             spec, record = _record(task, mode, seed, v, regularizer=reg)
             store.save_result(spec, record)
             specs.append(spec)
-    report.save_protocol(protocols.Protocol("regs", "table", tuple(specs)))
-    text = open(report.write_report("regs")).read()
+    protocols.save_protocol(protocols.Protocol("regs", "table", tuple(specs)))
+    text = open(protocol_reports.write_report("regs")).read()
     assert "| regulariser | vanilla | D |" in text
     assert "| none | 51.0 ± 1.4 (2) | 61.0 ± 1.4 (2) |" in text  # rte
     assert "| mixout | 55.0 ± 1.4 (2) | 65.0 ± 1.4 (2) |" in text
@@ -193,19 +342,19 @@ def test_child_tuning_gain_pairs_each_seed_with_vanillas_run_of_the_same_regular
     for (reg, mode), seeds in values.items():
         for seed, v in seeds.items():
             records.append(_record("rte", mode, seed, v, regularizer=reg)[1])
-    tasks = report.summarize(records)["lr 0.0001"]
-    text = "\n".join(report.child_tuning_gains(tasks))
+    tasks = statistics.summarize(records)["lr 0.0001"]
+    text = "\n".join(tables.child_tuning_gains(tasks))
     assert "| regulariser | F − vanilla | D − vanilla |" in text
     diffs = np.array([2.0, 1.0])  # paired: 52 - 50, 61 - 60 (the unpaired means would give -4.0)
     assert f"| none | – | +{diffs.mean():.1f} ± {diffs.std(ddof=1):.1f} (2) |" in text
     assert "| mixout | -5.0 (1) | – |" in text
     no_vanilla = {t: {m: s for m, s in ms.items() if "vanilla" not in m} for t, ms in tasks.items()}
-    assert report.child_tuning_gains(no_vanilla) == []
+    assert tables.child_tuning_gains(no_vanilla) == []
 
 
 def test_regularizer_table_gives_the_trivial_predictor_under_each_task():
     records = [_record("rte", "D", 42, 0.6, regularizer="mixout")[1]]
-    lines = report.regularizer_tables(report.summarize(records)["lr 0.0001"], {}, {"rte": 52.7})
+    lines = tables.regularizer_tables(statistics.summarize(records)["lr 0.0001"], {}, {"rte": 52.7})
     assert "Trivial predictor (mean over seeds): 52.7." in lines
 
 
@@ -223,7 +372,9 @@ def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, mo
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
     path = tmp_path / "bars.png"
-    report.regularizer_plot(report.summarize(records)["lr 0.0001"], "t", str(path), {"rte": 52.7})
+    plots.regularizer_plot(
+        statistics.summarize(records)["lr 0.0001"], "t", str(path), {"rte": 52.7}
+    )
     assert path.stat().st_size > 0
     (ax,) = figures[0].axes
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
@@ -247,8 +398,8 @@ def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():
         {"step": 50, "epoch": 2, "loss": 0.5},
     ]
     expected = (0.8 * 5 + 0.6 * 10 + 0.5 * 10) / 25
-    assert np.isclose(store.last_epoch_train_loss({"train_loss": logged}), expected)
-    assert store.last_epoch_train_loss({}) is None  # records made before the sweep kept them
+    assert np.isclose(statistics.last_epoch_train_loss({"train_loss": logged}), expected)
+    assert statistics.last_epoch_train_loss({}) is None  # records made before the sweep kept them
 
 
 def test_report_tables_the_last_epoch_training_loss_of_records_that_keep_it(tmp_path, monkeypatch):
@@ -263,8 +414,8 @@ def test_report_tables_the_last_epoch_training_loss_of_records_that_keep_it(tmp_
             specs.append(spec)
     old_spec, old_record = _record("rte", "F", 42, 0.5)  # made before records kept the losses
     store.save_result(old_spec, old_record)
-    report.save_protocol(protocols.Protocol("losses", "table", (*specs, old_spec)))
-    text = open(report.write_report("losses")).read()
+    protocols.save_protocol(protocols.Protocol("losses", "table", (*specs, old_spec)))
+    text = open(protocol_reports.write_report("losses")).read()
     section = text[text.index("## Training loss in the last epoch") :]
     assert "| regulariser | vanilla | D |" in section  # F: no record keeps its losses
     assert "| none | 0.700 ± 0.014 (2) | – |" in section
@@ -281,9 +432,9 @@ def test_trivial_column_is_the_mean_over_the_seeds_shown():
             _, record = _record("rte", mode, seed, 0.6)
             record["baseline"] = {"eval": {"accuracy": majority}}
             records.append(record)
-    assert report.trivial_scores(records) == {"rte": pytest.approx(53.0)}
+    assert statistics.trivial_scores(records) == {"rte": pytest.approx(53.0)}
     table = "\n".join(
-        report.markdown_table(report.summarize(records)["lr 0.0001"], {}, {"rte": 53.0})
+        tables.markdown_table(statistics.summarize(records)["lr 0.0001"], {}, {"rte": 53.0})
     )
     assert table.rstrip().endswith("| 53.0 |")
 
@@ -304,8 +455,8 @@ def test_domain_report_scores_a_constant_prediction_on_every_set(tmp_path, monke
         record["baseline"] = {"eval": {"accuracy": majority}}
         record["extra_eval"] = {"three": {"accuracy": 0.4}, "two": {"accuracy": 0.6}}
         store.save_result(spec, record)
-    report.save_protocol(protocol)
-    text = open(report.write_report("domain")).read()
+    protocols.save_protocol(protocol)
+    text = open(protocol_reports.write_report("domain")).read()
     # in-domain: the training majority's score (mean over seeds); three-way set: its most frequent
     # label (neutral, 5 of 10); two-way set, merged as a three-way model is scored: 3 of 4.
     header = next(line for line in text.splitlines() if line.startswith("| source"))
@@ -320,7 +471,7 @@ def test_best_setting_per_method_is_chosen_by_mean():
         "lr 0.0001": {"rte": {"D": {"mean": 60.0, "n": 3}, "vanilla": {"mean": 65.0, "n": 3}}},
         "lr 0.0002": {"rte": {"D": {"mean": 66.0, "n": 3}, "vanilla": {"mean": 50.0, "n": 3}}},
     }
-    best = report.best_settings(summary)
+    best = statistics.best_settings(summary)
     assert best["rte"]["D"][0] == "lr 0.0002"
     assert best["rte"]["vanilla"][0] == "lr 0.0001"
 
@@ -331,9 +482,9 @@ def test_best_setting_compares_only_settings_with_the_most_seeds():
         "lr 0.0001": {"cola": {"F": {"mean": 5.0, "n": 3}}},
         "lr 0.0002": {"cola": {"F": {"mean": 9.0, "n": 1}}},
     }
-    assert report.best_settings(summary)["cola"]["F"][0] == "lr 0.0001"
+    assert statistics.best_settings(summary)["cola"]["F"][0] == "lr 0.0001"
     summary["lr 0.0002"]["cola"]["F"]["n"] = 3
-    assert report.best_settings(summary)["cola"]["F"][0] == "lr 0.0002"
+    assert statistics.best_settings(summary)["cola"]["F"][0] == "lr 0.0002"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,17 +558,17 @@ def test_prune_zeroes_exactly_the_parameters_outside_the_child_network():
 def test_bad_run_is_reported_with_its_error_line(tmp_path):
     spec = RunSpec.of(task="no_such_task", mode="D")
     with pytest.raises(RuntimeError, match="Unknown task 'no_such_task'"):
-        sweep.run_one(
+        runner.run_one(
             spec,
             config_file=os.path.join(REPO, "configs", "glue.py"),
             train_script=os.path.join(REPO, "train.py"),
-            results_dir=str(tmp_path / "results"),
+            results_file=str(tmp_path / "runs.jsonl"),
             work_dir=str(tmp_path / "work"),
             cache_dir=None,
             settings={"data_dir": "/local/glue"},
             data_dirs={"no_such_task": "/elsewhere", "rte": "/not/this"},
         )
-    assert store.load_result(spec, str(tmp_path / "results")) is None
+    assert store.load_result(spec, str(tmp_path / "runs.jsonl")) is None
     log = (tmp_path / "work" / spec.run_id / "log.txt").read_text()
     assert "--config.data_dir=/elsewhere" in log and "/local/glue" not in log
 
@@ -437,13 +588,13 @@ def test_sweep_reads_tasks_missing_locally_from_the_hub():
 
 def test_a_run_locked_by_another_sweep_is_left_to_it(tmp_path, capsys):
     spec = RunSpec.of(task="no_such_task", mode="D")  # would fail if this sweep ran it
-    kwargs = dict(results_dir=str(tmp_path / "results"), work_dir=str(tmp_path / "work"))
-    with sweep.run_lock(spec.run_id, kwargs["work_dir"]) as mine:
+    kwargs = dict(results_file=str(tmp_path / "runs.jsonl"), work_dir=str(tmp_path / "work"))
+    with runner.run_lock(spec.run_id, kwargs["work_dir"]) as mine:
         assert mine
-        records, failures = sweep.run_all([spec], cache_dir=None, **kwargs)
+        records, failures = runner.run_all([spec], cache_dir=None, **kwargs)
     assert records == [] and failures == []
     assert "another sweep is training it" in capsys.readouterr().out
-    with sweep.run_lock(spec.run_id, kwargs["work_dir"]) as mine:  # released: free again
+    with runner.run_lock(spec.run_id, kwargs["work_dir"]) as mine:  # released: free again
         assert mine
 
 
@@ -467,10 +618,10 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
         config_file=os.path.join(REPO, "configs", "glue.py"),
         train_script=os.path.join(REPO, "train.py"),
         settings={"data_dir": GLUE_DIR},
-        results_dir=str(tmp_path / "results"),
+        results_file=str(tmp_path / "runs.jsonl"),
         work_dir=str(tmp_path / "work"),
     )
-    records, failures = sweep.run_all([spec], **kwargs)
+    records, failures = runner.run_all([spec], **kwargs)
     assert failures == [] and len(records) == 1
     record = records[0]
     assert record["run_id"] == spec.run_id and record["task"] == "mrpc"
@@ -481,7 +632,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     assert record["train_loss"][-1]["step"] == record["steps"]
     assert not (work / "checkpoints").exists()  # deleted once the result is safe
     # A second sweep skips the finished run: no second command in its log.
-    again, _ = sweep.run_all([spec], **kwargs)
+    again, _ = runner.run_all([spec], **kwargs)
     assert again == [record]
     assert open(work / "log.txt").read().count("$ ") == 1
 
@@ -589,8 +740,8 @@ def test_linear_head_learns_separable_features():
 
 
 def test_cpu_worker_runs_the_queue_lines_in_order(tmp_path):
-    """experiments/cpu/worker.sh: every command line of the queue, in order, on the core given;
-    comments and blank lines skipped."""
+    """tools/queue/cpu/worker.sh: every command line of the queue, in order, on the core given;
+    comments and blank lines skipped; with COMMIT=1 each sweep commits its block."""
     queue = tmp_path / "queue.txt"
     queue.write_text(
         "# a comment line\n\n"
@@ -598,12 +749,13 @@ def test_cpu_worker_runs_the_queue_lines_in_order(tmp_path):
         "  \n"
         "--protocol=pruning --name=second --tasks=cola --seeds=52 --dry_run\n"
     )
-    script = os.path.join(REPO, "experiments", "cpu", "worker.sh")
-    env = {**os.environ, "PYTHON": sys.executable}
+    script = os.path.join(REPO, "tools", "queue", "cpu", "worker.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "COMMIT": "1"}
     out = subprocess.run(
         ["bash", script, "0", str(queue)], capture_output=True, text=True, check=True, env=env
     ).stdout
     started = [line for line in out.splitlines() if " core 0: sweep.py " in line]
     assert len(started) == 2 and "--name=first" in started[0] and "--name=second" in started[1]
+    assert all(line.endswith("--dry_run --commit") for line in started)
     assert "first: 1 runs" in out and "rte-D-n1000" in out
     assert out.index("first: ") < out.index("second: 5 runs") and "cola-D-prune-n1000" in out

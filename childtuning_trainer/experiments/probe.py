@@ -11,7 +11,6 @@ fine-tuning added to (or took from) each target. BERT-family models (a pooler) o
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,7 +25,7 @@ from flax import nnx
 
 from childtuning_jax.models import from_pretrained
 from childtuning_trainer import input_pipeline, recipe, saved_model, tasks
-from childtuning_trainer.experiments import report, store, sweep
+from childtuning_trainer.experiments import runner, store
 from childtuning_trainer.experiments.protocols import (
     PRETRAINED,
     PROBE_SETTINGS,
@@ -172,13 +171,14 @@ def finished_source(spec: RunSpec, protocol: Protocol) -> tuple[dict | None, str
 
     The pretrained reference has no parameters of its own: its record (model, seed, lengths) is
     that of a finished source run of ``protocol`` that shares them."""
+    done = store.recorded()
     if spec.get("mode") == PRETRAINED:
-        records = (store.load_result(s) for s in protocol.specs if pretrained(s) == spec)
-        return next((r for r in records if r is not None), None), None
+        sources = (s for s in protocol.specs if pretrained(s) == spec and s.run_id in done)
+        return next((done[s.run_id] for s in sources), None), None
     params_path = os.path.join(store.WORK_DIR, spec.run_id)
     if not os.path.exists(os.path.join(params_path, saved_model.FILENAME)):
         return None, None
-    return store.load_result(spec), params_path
+    return done.get(spec.run_id), params_path
 
 
 def run_probes(
@@ -193,25 +193,22 @@ def run_probes(
     ``data_dirs`` (task -> ``data_dir``) overrides ``data_dir`` for the targets it names."""
     failures = []
     samples = protocol.settings.get("target_samples", 0)
+    done = store.recorded(store.PROBES_FILE, "probe_id")
     for spec, target in protocol.probes:
-        path = report.probe_path(spec, target)
-        if os.path.exists(path):
+        if store.probe_id(spec, target) in done:
             continue
         record, params_path = finished_source(spec, protocol)
         if record is None:
             failures.append(f"probe {spec.run_id} -> {target}: the source run has not finished")
             print(f"  {failures[-1]}", flush=True)
             continue
-        with sweep.run_lock(f"{spec.run_id}-probe-{target}") as mine:
-            if not mine or os.path.exists(path):
+        with runner.run_lock(f"{spec.run_id}-probe-{target}") as mine:
+            if not mine or store.load_probe(spec, target) is not None:
                 continue  # another sweep is on it, or has just finished it
             print(f"probe {spec.run_id} -> {target}", flush=True)
             target_dir = (data_dirs or {}).get(target, data_dir)
             result = probe(record, params_path, target, target_dir, samples)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(result, f, indent=1, sort_keys=True)
-            os.replace(path + ".tmp", path)
+            store.save_probe(spec, target, result)
         print(f"  {target}: {result['eval']}", flush=True)
         if on_result is not None:
             on_result()

@@ -1,7 +1,8 @@
 """The paper's experiments as lists of runs (Xu et al., 2021, Sec. 4-5).
 
 Every protocol is a :class:`Protocol`: a name (its folder under ``experiments/``), its runs, and
-how its report groups them. Runs are :class:`~.store.RunSpec` s of ``train.py`` overrides, so a run
+how its report groups them; ``experiments/<name>/protocol.json`` keeps it for the report
+(:func:`save_protocol`). Runs are :class:`~.store.RunSpec` s of ``train.py`` overrides, so a run
 that two protocols share (e.g. a few-shot MRPC run that is also a task-generalisation source) is
 trained once.
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from childtuning_trainer.experiments.store import RunSpec
+from childtuning_trainer.experiments.store import REPORTS_DIR, RunSpec
 from childtuning_trainer.regularizers import KEYS as REGULARIZER_KEYS
 
 # A regulariser on a sweep axis: its name, or its name with its own settings (config keys).
@@ -60,6 +63,38 @@ class Protocol:
     specs: tuple[RunSpec, ...]
     probes: tuple[tuple[RunSpec, str], ...] = ()
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def protocol_path(name: str, reports_dir: str = REPORTS_DIR) -> str:
+    return os.path.join(reports_dir, name, "protocol.json")
+
+
+def save_protocol(protocol: Protocol, reports_dir: str = REPORTS_DIR) -> None:
+    """Records which runs (and probes) make up ``protocol`` in ``<reports_dir>/<name>/``."""
+    os.makedirs(os.path.join(reports_dir, protocol.name), exist_ok=True)
+    record = {
+        "name": protocol.name,
+        "kind": protocol.kind,
+        "settings": protocol.settings,
+        "runs": [dict(spec.overrides) for spec in protocol.specs],
+        "probes": [[dict(spec.overrides), target] for spec, target in protocol.probes],
+    }
+    with open(protocol_path(protocol.name, reports_dir), "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def load_protocol(name: str, reports_dir: str = REPORTS_DIR) -> Protocol:
+    path = protocol_path(name, reports_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No protocol {name!r}: {path} does not exist (run sweep.py first)."
+        )
+    with open(path) as f:
+        record = json.load(f)
+    specs = tuple(RunSpec.of(**o) for o in record["runs"])
+    probes = tuple((RunSpec.of(**o), target) for o, target in record["probes"])
+    return Protocol(record["name"], record["kind"], specs, probes, record["settings"])
 
 
 RULE_LABELS = {"fisher": "", "random": " random", "lowest_fisher": " lowest-Fisher"}

@@ -1,20 +1,27 @@
 """Where a sweep's runs work and where their results accumulate.
 
-A run is named by its configuration overrides (:func:`run_id`), so the same run requested by two
-protocols is trained once. Its results are one JSON file, written atomically once the run has
-finished; a run without that file is unfinished and is resumed (or started) by the next sweep.
+A run is named by its configuration overrides (:func:`RunSpec.run_id`), so the same run requested
+by two protocols is trained once. Finished runs are lines of one append-only JSON-lines file
+(``experiments/runs.jsonl``: a line a run, its run id, command and results), probes of another
+(``experiments/probes.jsonl``); a run without a line is unfinished and is resumed (or started) by
+the next sweep. A line is written whole under an exclusive ``flock``, so concurrent sweeps never
+interleave lines, and a key already recorded is not appended again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Iterable
 from typing import Any
 
-RESULTS_DIR = os.path.join("experiments", "runs")
+REPORTS_DIR = "experiments"
+RESULTS_NAME, PROBES_NAME = "runs.jsonl", "probes.jsonl"
+RESULTS_FILE = os.path.join(REPORTS_DIR, RESULTS_NAME)
+PROBES_FILE = os.path.join(REPORTS_DIR, PROBES_NAME)
 WORK_DIR = os.path.join("runs", "sweep")
 
 
@@ -55,59 +62,72 @@ class RunSpec:
         return "-".join(parts) + "-" + digest[:8]
 
 
-def result_path(spec: RunSpec, results_dir: str = RESULTS_DIR) -> str:
-    return os.path.join(results_dir, spec.run_id + ".json")
+def _parse(text: str, path: str, key: str) -> dict[str, dict]:
+    """``{record[key]: record}`` of the lines of ``text``; the first line of a key wins."""
+    records: dict[str, dict] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.setdefault(record[key], record)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {number}: not a JSON record with {key!r} ({e}).") from e
+    return records
 
 
-def load_result(spec: RunSpec, results_dir: str = RESULTS_DIR) -> dict | None:
+def recorded(path: str = RESULTS_FILE, key: str = "run_id") -> dict[str, dict]:
+    """Every record of the JSON-lines file ``path`` by its ``key`` (empty if there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # a line being appended is read whole or not at all
+        return _parse(f.read(), path, key)
+
+
+def append_record(record: dict, path: str = RESULTS_FILE, key: str = "run_id") -> bool:
+    """Appends ``record`` as one line unless its ``key`` is already recorded; returns whether it
+    did. The check and the write hold an exclusive lock; the line goes out in one ``O_APPEND``
+    write, so two processes appending at once never interleave."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(fd, closefd=False) as f:
+            if record[key] in _parse(f.read(), path, key):
+                return False
+        while line:
+            line = line[os.write(fd, line) :]
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def load_result(spec: RunSpec, path: str = RESULTS_FILE) -> dict | None:
     """The finished run's record, or ``None``."""
-    path = result_path(spec, results_dir)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return recorded(path).get(spec.run_id)
 
 
-def save_result(spec: RunSpec, record: dict, results_dir: str = RESULTS_DIR) -> str:
-    """Writes the record atomically (a temporary file renamed); returns its path."""
-    os.makedirs(results_dir, exist_ok=True)
-    path = result_path(spec, results_dir)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
+def save_result(spec: RunSpec, record: dict, path: str = RESULTS_FILE) -> bool:
+    """Records the finished run (its ``run_id`` set to the spec's); False if it was already."""
+    return append_record({**record, "run_id": spec.run_id}, path)
 
 
-def load_results(specs: Iterable[RunSpec], results_dir: str = RESULTS_DIR) -> list[dict]:
+def load_results(specs: Iterable[RunSpec], path: str = RESULTS_FILE) -> list[dict]:
     """The records of the finished runs among ``specs``, in order."""
-    records = (load_result(spec, results_dir) for spec in specs)
-    return [r for r in records if r is not None]
+    records = recorded(path)
+    return [records[spec.run_id] for spec in specs if spec.run_id in records]
 
 
-def logged_train_losses(output_dir: str) -> list[dict[str, Any]]:
-    """The training-loss lines of a run's ``metrics.jsonl`` (step, epoch, mean loss since the
-    previous line), in order; empty if the run logged none."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [{k: line[k] for k in ("step", "epoch", "loss")} for line in lines if "loss" in line]
+def probe_id(source: RunSpec, target: str) -> str:
+    """The name of the linear probe of ``source``'s encoder on ``target``."""
+    return f"{source.run_id}--{target}"
 
 
-def last_epoch_train_loss(record: dict) -> float | None:
-    """The mean training loss over the steps of a record's last epoch, or ``None`` (records made
-    before the sweep kept the logged losses). Each logged line is the mean since the previous one,
-    and the trainer logs at every epoch's end, so the lines weighted by their steps give it."""
-    logged = record.get("train_loss")
-    if not logged:
-        return None
-    total = steps = 0.0
-    previous = 0
-    for line in logged:
-        if line["epoch"] == logged[-1]["epoch"]:
-            total += line["loss"] * (line["step"] - previous)
-            steps += line["step"] - previous
-        previous = line["step"]
-    return total / steps
+def load_probe(source: RunSpec, target: str, path: str = PROBES_FILE) -> dict | None:
+    return recorded(path, "probe_id").get(probe_id(source, target))
+
+
+def save_probe(source: RunSpec, target: str, result: dict, path: str = PROBES_FILE) -> bool:
+    return append_record({**result, "probe_id": probe_id(source, target)}, path, "probe_id")
