@@ -162,9 +162,11 @@ def test_concurrent_appends_never_interleave_and_record_a_key_once(tmp_path):
     assert all(r["pad"] == r["run_id"][1] * 20_000 for r in records if "pad" in r)
 
 
-def test_a_broken_line_is_named():
+def test_a_broken_line_is_named(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"run_id": "a"}\n{"run_id": \n')
     with pytest.raises(ValueError, match=r"runs.jsonl, line 2: not a JSON record with 'run_id'"):
-        store._parse('{"run_id": "a"}\n{"run_id": \n', "runs.jsonl", "run_id")
+        store.recorded(str(path))
 
 
 def _per_run_file_records() -> tuple[list[RunSpec], list[dict]]:
