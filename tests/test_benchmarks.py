@@ -233,5 +233,15 @@ def test_results_table_keeps_the_newest_measurement_per_machine_kind_and_rebuild
     assert results_table.main(["--dir", str(tmp_path), "--check"]) == 1
 
 
+def test_results_table_names_a_file_that_is_not_a_record(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text('{"suite": "cpu"}')
+    with pytest.raises(SystemExit):
+        results_table.main(["--dir", str(tmp_path)])
+    assert (
+        "x.json: not a benchmark record (no machine, results, started)" in capsys.readouterr().err
+    )
+
+
 def test_committed_results_table_is_the_rebuild_of_its_records():
     assert results_table.main(["--check"]) == 0
