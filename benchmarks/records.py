@@ -1,5 +1,5 @@
-"""The suite's records: a run's JSON, its RESULTS.md section and plots (shared by ``run`` and
-``gpu_profile``)."""
+"""The suite's records: a run's JSON, the RESULTS.md rebuilt from them, and plots (shared by
+``run`` and ``gpu_profile``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import shlex
 from typing import Any
 
-from benchmarks import common, plots, report
+from benchmarks import common, plots, results_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,17 +41,11 @@ def write_json(record: dict[str, Any], out_dir: str) -> str:
 
 
 def write_outputs(record: dict[str, Any], out_dir: str, *, plots: bool = True) -> dict[str, str]:
-    """JSON under ``out_dir/results/``, a section appended to ``out_dir/RESULTS.md``, plots."""
+    """JSON under ``out_dir/results/``, ``out_dir/RESULTS.md`` rebuilt from all of them, plots."""
     written = {"json": write_json(record, out_dir)}
     if plots:
         written.update(draw_plots(record, out_dir))
-    results_md = os.path.join(out_dir, "RESULTS.md")
-    new_file = not os.path.exists(results_md)
-    with open(results_md, "a") as f:
-        if new_file:
-            f.write("# Benchmark results\n\nOne section per run of `python -m benchmarks.run`.\n\n")
-        f.write(report.markdown(record) + "\n")
-    written["results_md"] = results_md
+    written["results_md"] = results_table.write(out_dir)
     return written
 
 

@@ -1,9 +1,10 @@
 """The benchmark suite's single entry point: ``python -m benchmarks.run`` (``make bench``).
 
 Runs every benchmark (or ``--only`` some), writes the raw numbers to
-``<out>/results/<stamp>-<suite>.json``, appends a section to ``<out>/RESULTS.md`` and redraws the
-plots next to it. ``--smoke`` runs tiny versions of everything (the CI test uses it) and writes to a
-temporary directory unless ``--out`` is given. ``--gpu`` runs the GPU profile instead (see
+``<out>/results/<stamp>-<suite>.json``, rebuilds ``<out>/RESULTS.md`` from all the records there
+(:mod:`benchmarks.results_table`) and redraws the plots next to it. ``--smoke`` runs tiny
+versions of everything (the CI test uses it) and writes to a temporary directory unless ``--out``
+is given. ``--gpu`` runs the GPU profile instead (see
 :mod:`benchmarks.gpu_profile`).
 
 Benchmarks (see each module's docstring):

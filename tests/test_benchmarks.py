@@ -1,9 +1,11 @@
 """Smoke tests of the benchmark suite (tiny shapes; no timing is asserted) and of its baselines.
 
-The benchmarks' numbers live in benchmarks/RESULTS.md; here the suite only has to run end to end,
-record what it measured, and its official-recipe baselines have to do what the official code does.
+The benchmarks' numbers live in benchmarks/results/*.json, and benchmarks/RESULTS.md is rebuilt from
+them; here the suite only has to run end to end, record what it measured, the table has to be its
+records' rebuild, and the official-recipe baselines have to do what the official code does.
 """
 
+import copy
 import json
 import os
 
@@ -13,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import common, gpu_profile, reference
+from benchmarks import common, gpu_profile, reference, results_table
 from benchmarks import run as bench_run
 from childtuning_jax import child_tuning_d, fisher_mask, leaf_names
 from childtuning_jax.optim import hf_adamw
@@ -57,7 +59,9 @@ def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
         assert cache["same_metrics"] is True and cache["cache_bytes"] > 0
 
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "smoke suite" in text and record["json"] in text and record["command"] in text
+    assert text == results_table.render(results_table.load_records(tmp_path / "results"))
+    assert "| smoke (" in text and f"]({record['json']})" in text
+    assert f"| {record['started'][:10]} " in text
     assert (tmp_path / "step_time_smoke.png").stat().st_size > 0
     assert (tmp_path / "mask_selection_smoke.png").stat().st_size > 0
 
@@ -148,3 +152,96 @@ def test_alternate_rotates_order_and_counts_rounds():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
     assert all(isinstance(t, float) and t >= 0 for t in samples["a"] + samples["b"])
+
+
+def _record(started, suite, results, **extra):
+    device = "NVIDIA H200" if suite == "gpu" else "cpu"
+    machine = {"device_kind": device, "cpu": "x86", "cpu_count": 2, "jax": "0.0"}
+    return {
+        "suite": suite,
+        "started": started,
+        "machine": machine,
+        "load_start": [1.0],
+        "load_end": [1.0],
+        "results": results,
+        **extra,
+    }
+
+
+def _update(ratio_f, ratio_d):
+    times = {k: {"median_s": 0.1} for k in ("adamw", "F", "D")}
+    return {
+        "bert-base": {
+            "params": 1e8,
+            "rounds": 3,
+            "times": times,
+            "ratios_to_adamw": {"F": ratio_f, "D": ratio_d},
+        }
+    }
+
+
+def test_results_table_keeps_the_newest_measurement_per_machine_kind_and_rebuilds_the_same(
+    tmp_path,
+):
+    (tmp_path / "results").mkdir()
+    records = {
+        "a-cpu": _record(
+            "2026-01-01T00:00:00+0000", "cpu", {"optimizer_update": _update(1.11, 1.12)}
+        ),
+        "b-gpu": _record(
+            "2026-01-02T00:00:00+0000",
+            "gpu",
+            {"optimizer_update": _update(1.21, 1.22)},
+            skipped={"fisher_pass [bert-large/float32]": "time box"},
+        ),
+        "c-cpu": _record(
+            "2026-01-03T00:00:00+0000", "cpu", {"optimizer_update": _update(1.31, 1.32)}
+        ),
+        # Newer, but measured nothing: the older measurement stays.
+        "d-cpu": _record(
+            "2026-01-04T00:00:00+0000",
+            "cpu",
+            {"optimizer_update": {"bert-base": {"error": "boom"}}},
+        ),
+    }
+    for name, record in records.items():
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(record))
+    before = copy.deepcopy(records)
+
+    path = results_table.write(str(tmp_path))
+    text = open(path).read()
+    assert results_table.write(str(tmp_path)) == path and open(path).read() == text
+    assert results_table.main(["--dir", str(tmp_path), "--check"]) == 0
+    assert records == before
+
+    rows = [
+        line for line in text.splitlines() if line.startswith("| cpu") or line.startswith("| gpu")
+    ]
+    assert len(rows) == 3
+    cpu, gpu, gpu_fisher = (
+        next(r for r in rows if key in r) for key in ("F 1.31", "F 1.21", "bert-large")
+    )
+    assert cpu.startswith("| cpu (") and "2026-01-03" in cpu and "(results/c-cpu.json)" in cpu
+    assert gpu.startswith("| gpu NVIDIA H200 (") and "(results/b-gpu.json)" in gpu
+    assert "not measured: skipped (time box)" in gpu_fisher
+    assert "1.11" not in text and "boom" not in text
+    assert (
+        text.index("## optimizer_update") < text.index("## fisher_pass") or "## fisher_pass" in text
+    )
+
+    (tmp_path / "RESULTS.md").write_text(text + "edited by hand\n")
+    assert results_table.main(["--dir", str(tmp_path), "--check"]) == 1
+
+
+def test_results_table_names_a_file_that_is_not_a_record(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text('{"suite": "cpu"}')
+    with pytest.raises(SystemExit):
+        results_table.main(["--dir", str(tmp_path)])
+    assert (
+        "x.json: not a benchmark record (no machine, results, started)" in capsys.readouterr().err
+    )
+
+
+def test_committed_results_table_is_the_rebuild_of_its_records():
+    assert results_table.main(["--check"]) == 0
