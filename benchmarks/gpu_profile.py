@@ -1,5 +1,5 @@
 """GPU profile: items 1-3 of the suite on one accelerator, BERT-base and BERT-large, float32 and
-bfloat16, time-boxed (default 5 minutes), writing the same JSON and RESULTS.md section as the CPU
+bfloat16, time-boxed (default 5 minutes), writing the same JSON and RESULTS.md rows as the CPU
 suite (suite ``gpu``).
 
     python -m benchmarks.gpu_profile            # or: python -m benchmarks.run --gpu
