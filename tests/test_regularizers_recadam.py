@@ -80,15 +80,15 @@ def _run_both(
                     "anneal_w": anneal_w if anchored else 0.0,
                 }
             )
-    opt = reference_recadam(
-        groups,
-        lr=lr,
+    # The settings both optimizers take under the same names.
+    shared = dict(
         eps=eps,
         anneal_fun=anneal_fun,
         anneal_k=anneal_k,
         anneal_t0=anneal_t0,
         pretrain_cof=pretrain_cof,
     )
+    opt = reference_recadam(groups, lr=lr, **shared)
     sched = (
         torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
         if schedule
@@ -106,14 +106,10 @@ def _run_both(
     tx = ct.recadam(
         learning_rate,
         pretrained,
-        eps=eps,
         weight_decay=weight_decay,
-        anneal_fun=anneal_fun,
-        anneal_k=anneal_k,
-        anneal_t0=anneal_t0,
         anneal_w=anneal_w,
-        pretrain_cof=pretrain_cof,
         weight_decay_mask=lambda p: map_with_name(lambda n, _: not _is_bias(n), p),
+        **shared,
     )
     if grad_mask is not None:
         tx = optax.chain(ct.child_tuning_d(grad_mask), tx)
