@@ -32,8 +32,9 @@ _BIT_SHIFTS = np.arange(8, dtype=np.uint8)
 
 
 def pack_mask_bits(leaf_mask: np.ndarray) -> np.ndarray:
-    """One mixed leaf's bool mask as :class:`ChildTuningDState` bytes: C order, 8 per byte, least
-    significant bit first, the last byte padded with False."""
+    """One mixed leaf's bool mask as ``ChildTuningDState.mask`` bytes
+    (:mod:`childtuning_jax.task_driven`): C order, 8 per byte, least significant bit first, the
+    last byte padded with False."""
     return np.packbits(np.asarray(leaf_mask, bool).reshape(-1), bitorder="little")
 
 
