@@ -6,6 +6,16 @@ the optimizer:
 * :func:`child_tuning_f` -- ChildTuning-F, a fresh Bernoulli mask each step (task-free).
 * :func:`child_tuning_d` -- ChildTuning-D, a fixed mask from Fisher information (task-driven),
   built with :func:`fisher_information` and :func:`fisher_mask`.
+
+The forward pass still uses the whole model. The mask acts on the gradient before the optimizer,
+so Adam's moments see masked gradients and decoupled weight decay still applies to every decayed
+parameter. The official recipe's order is::
+
+  optax.chain(
+      optax.clip_by_global_norm(max_grad_norm),
+      child_tuning_d(mask),          # or child_tuning_f(reserve_p, key)
+      optax.adamw(learning_rate, weight_decay=0.01, mask=decay_mask),
+  )
 """
 
 from childtuning_jax.fisher import fisher_information
@@ -23,15 +33,13 @@ from childtuning_jax.regularizers import (
     top_k_layers_mask,
 )
 from childtuning_jax.selection import fisher_mask, official_eligibility, percentile_threshold
-from childtuning_jax.transforms import (
+from childtuning_jax.task_driven import (
     ChildTuningDState,
-    ChildTuningFState,
-    check_reserve_p,
     child_tuning_d,
-    child_tuning_f,
     template_child_mask,
     uniform_leaf_names,
 )
+from childtuning_jax.task_free import ChildTuningFState, check_reserve_p, child_tuning_f
 
 __all__ = [
     "ChildTuningDState",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from childtuning_jax import paths
-from childtuning_jax.transforms import check_reserve_p
+from childtuning_jax.task_free import check_reserve_p
 
 Where = Callable[[str], bool]
 

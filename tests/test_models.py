@@ -466,7 +466,7 @@ def test_sharded_safetensors_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_drops_at_its_rate_independently_and_rescales(rate):
-    from childtuning_jax.models.encoder import dropout
+    from childtuning_jax.models.blocks import dropout
 
     x = jnp.ones((64, 128, 96))
     out = np.asarray(jax.jit(lambda k: dropout(x, rate, k))(jax.random.key(3)))

@@ -1,4 +1,5 @@
-"""RecAdam against the reference optimizer (Sanyuan-Chen/RecAdam, RecAdam.py) restated in torch."""
+"""RecAdam against the reference optimizer (Sanyuan-Chen/RecAdam, RecAdam.py) restated in torch
+(:func:`benchmarks.reference.reference_recadam`)."""
 
 import math
 
@@ -10,72 +11,8 @@ import pytest
 import torch
 
 import childtuning_jax as ct
+from benchmarks.reference import reference_recadam
 from childtuning_jax.paths import map_with_name
-
-
-def _anneal(function, step, k, t0, weight):
-    if function == "sigmoid":
-        return float(1 / (1 + np.exp(-k * (step - t0)))) * weight
-    if function == "linear":
-        return min(1, step / t0) * weight
-    return weight
-
-
-class ReferenceRecAdam(torch.optim.Optimizer):
-    """The reference ``RecAdam.step`` (correct_bias=True), one pretrained tensor per param."""
-
-    def __init__(self, groups, lr, betas, eps, anneal_fun, anneal_k, anneal_t0, pretrain_cof):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=0.0,
-            anneal_fun=anneal_fun,
-            anneal_k=anneal_k,
-            anneal_t0=anneal_t0,
-            anneal_w=1.0,
-            pretrain_cof=pretrain_cof,
-            pretrain_params=None,
-        )
-        super().__init__(groups, defaults)
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p, pp in zip(group["params"], group["pretrain_params"], strict=True):
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                state["step"] += 1
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                step_size *= math.sqrt(1.0 - beta2 ** state["step"]) / (
-                    1.0 - beta1 ** state["step"]
-                )
-                if group["anneal_w"] > 0.0:
-                    lam = _anneal(
-                        group["anneal_fun"],
-                        state["step"],
-                        group["anneal_k"],
-                        group["anneal_t0"],
-                        group["anneal_w"],
-                    )
-                    p.addcdiv_(exp_avg, denom, value=-step_size * lam)
-                    p.add_(
-                        p - pp,
-                        alpha=-group["lr"] * (group["anneal_w"] - lam) * group["pretrain_cof"],
-                    )
-                else:
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
 def _tree(seed):
@@ -143,9 +80,15 @@ def _run_both(
                     "anneal_w": anneal_w if anchored else 0.0,
                 }
             )
-    opt = ReferenceRecAdam(
-        groups, lr, (0.9, 0.999), eps, anneal_fun, anneal_k, anneal_t0, pretrain_cof
+    # The settings both optimizers take under the same names.
+    shared = dict(
+        eps=eps,
+        anneal_fun=anneal_fun,
+        anneal_k=anneal_k,
+        anneal_t0=anneal_t0,
+        pretrain_cof=pretrain_cof,
     )
+    opt = reference_recadam(groups, lr=lr, **shared)
     sched = (
         torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
         if schedule
@@ -163,14 +106,10 @@ def _run_both(
     tx = ct.recadam(
         learning_rate,
         pretrained,
-        eps=eps,
         weight_decay=weight_decay,
-        anneal_fun=anneal_fun,
-        anneal_k=anneal_k,
-        anneal_t0=anneal_t0,
         anneal_w=anneal_w,
-        pretrain_cof=pretrain_cof,
         weight_decay_mask=lambda p: map_with_name(lambda n, _: not _is_bias(n), p),
+        **shared,
     )
     if grad_mask is not None:
         tx = optax.chain(ct.child_tuning_d(grad_mask), tx)

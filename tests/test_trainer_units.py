@@ -16,7 +16,7 @@ import pytest
 from tiny_models import tiny_model
 
 from childtuning_jax import leaf_names
-from childtuning_jax.transforms import child_tuning_d, template_child_mask, uniform_leaf_names
+from childtuning_jax.task_driven import child_tuning_d, template_child_mask, uniform_leaf_names
 from childtuning_trainer import checkpoints, config_checks, input_pipeline, recipe, steps, tasks
 from childtuning_trainer.objective import example_losses, make_objective
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import childtuning_jax as ct
-from childtuning_jax import parallel
+from childtuning_jax import leaf_layout, parallel
 
 
 def _params():
@@ -248,8 +248,8 @@ def test_d_packs_each_mixed_leaf_from_a_byte_boundary():
     np.testing.assert_array_equal(np.asarray(state.uniform), [True])
     for name, leaf in mask.items():
         if name != "b":
-            packed = ct.transforms.pack_mask_bits(leaf)
-            unpacked = jax.jit(ct.transforms.unpack_mask_bits, static_argnums=1)(packed, leaf.shape)
+            packed = leaf_layout.pack_mask_bits(leaf)
+            unpacked = jax.jit(leaf_layout.unpack_mask_bits, static_argnums=1)(packed, leaf.shape)
             np.testing.assert_array_equal(np.asarray(unpacked), leaf)
     grads = jax.tree.map(lambda m: jnp.full(m.shape, -2.5), mask)
     out, _ = jax.jit(ct.child_tuning_d(mask).update)(grads, state)
@@ -421,7 +421,7 @@ def _layout_mask():
 
 def test_uniform_leaf_names_is_the_state_layout():
     mask = _layout_mask()
-    names = ct.transforms.uniform_leaf_names(mask)
+    names = ct.uniform_leaf_names(mask)
     assert names == ["emb", "off", "one"]
     params = jax.tree.map(lambda m: jnp.zeros(m.shape), mask)
     state = ct.child_tuning_d(mask).init(params)
@@ -430,19 +430,19 @@ def test_uniform_leaf_names_is_the_state_layout():
     from flax import nnx
 
     as_ints = jax.tree.map(lambda m: m.astype(np.int8), mask)
-    assert ct.transforms.uniform_leaf_names(as_ints) == names
-    assert ct.transforms.uniform_leaf_names(nnx.State(jax.tree.map(nnx.Param, mask))) == names
+    assert ct.uniform_leaf_names(as_ints) == names
+    assert ct.uniform_leaf_names(nnx.State(jax.tree.map(nnx.Param, mask))) == names
 
 
 def test_template_mask_state_matches_the_saved_state_layout():
     mask = _layout_mask()
     params = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), mask)
-    uniform = ct.transforms.uniform_leaf_names(mask)
+    uniform = ct.uniform_leaf_names(mask)
     real_tx = ct.child_tuning_d(mask)
     real = real_tx.init(params)
     abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    template = ct.transforms.template_child_mask(abstract, uniform)
-    assert ct.transforms.uniform_leaf_names(template) == uniform
+    template = ct.template_child_mask(abstract, uniform)
+    assert ct.uniform_leaf_names(template) == uniform
     template_tx = ct.child_tuning_d(template)
     restore_target = template_tx.init(params)
     assert jax.tree.structure(restore_target) == jax.tree.structure(real)

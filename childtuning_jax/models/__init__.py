@@ -6,10 +6,9 @@ the PyTorch module names (``bert/encoder/layer/3/attention/self/query/kernel``,
 ``transformer/layer/3/rel_attn/q``), so Child-Tuning-D's default eligibility rule (the name
 contains ``layer``) selects exactly the encoder layers.
 
-Every model is called as ``model(input_ids, attention_mask=None, token_type_ids=None, *,
-deterministic=True, dropout_rng=None, perturb_embeddings=None)`` and returns float32 logits
-``(batch, num_labels)``; ``perturb_embeddings`` maps the word-embedding lookup before anything is
-added to it (R3F's noise on input embeddings).
+Every model is a :class:`~childtuning_jax.models.sequence_classifier.SequenceClassifier`: called
+as ``model(input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
+dropout_rng=None, perturb_embeddings=None)``, it returns float32 logits ``(batch, num_labels)``.
 """
 
 from childtuning_jax.models.bert import BertForSequenceClassification

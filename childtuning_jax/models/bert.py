@@ -12,16 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from childtuning_jax.models.encoder import (
-    EmbeddingHook,
-    EncoderModel,
-    FrozenConfig,
-    check_config,
-    dropout,
-    dropout_keys,
-    linear,
-    take,
-)
+from childtuning_jax.models.blocks import FrozenConfig, Key, dropout, linear, take
+from childtuning_jax.models.encoder import EncoderModel, check_config
+from childtuning_jax.models.sequence_classifier import SequenceClassifier
 
 
 def classifier_dropout_rate(config: Any) -> float:
@@ -30,7 +23,7 @@ def classifier_dropout_rate(config: Any) -> float:
     return config.hidden_dropout_prob if rate is None else rate
 
 
-class BertForSequenceClassification(nnx.Module):
+class BertForSequenceClassification(SequenceClassifier):
     """BERT encoder, pooler (dense + tanh on ``[CLS]``), dropout and a linear classifier.
 
     ``config.num_labels == 1`` is regression (one score per example, e.g. STS-B).
@@ -46,31 +39,12 @@ class BertForSequenceClassification(nnx.Module):
         self.classifier_rate = classifier_dropout_rate(config)
 
     @property
-    def config(self) -> Any:
-        """The ``transformers`` config (read-only)."""
-        return self.frozen_config.config
+    def backbone(self) -> EncoderModel:
+        return self.bert
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-        perturb_embeddings: EmbeddingHook | None = None,
-    ) -> jax.Array:
-        """Float32 logits of shape ``(batch, num_labels)``.
+    def head_dropout(self) -> tuple[int, tuple[float, ...]]:
+        return 1, (self.classifier_rate,)
 
-        Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
-        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, hidden)`` before
-        positions and token types are added (e.g. R3F's noise); ``None`` leaves it unchanged.
-        """
-        rate = self.classifier_rate
-        n = self.bert.num_keys
-        keys = dropout_keys(self.config, deterministic, dropout_rng, n + 1, (rate,))
-        _, pooled = self.bert(
-            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
-        )
-        logits = self.classifier(dropout(pooled, rate, take(keys, n)))
-        return logits.astype(jnp.float32)
+    def head(self, encoded: tuple[jax.Array, jax.Array], keys: Key) -> jax.Array:
+        _, pooled = encoded
+        return self.classifier(dropout(pooled, self.classifier_rate, take(keys, 0)))

@@ -16,17 +16,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from childtuning_jax.models.bert import classifier_dropout_rate
-from childtuning_jax.models.encoder import (
+from childtuning_jax.models.blocks import (
     ACTIVATIONS,
-    EmbeddingHook,
-    EncoderModel,
     FrozenConfig,
-    check_config,
+    Key,
     dropout,
-    dropout_keys,
     linear,
     take,
 )
+from childtuning_jax.models.encoder import EncoderModel, check_config
+from childtuning_jax.models.sequence_classifier import SequenceClassifier
 
 
 class ElectraClassificationHead(nnx.Module):
@@ -48,7 +47,7 @@ class ElectraClassificationHead(nnx.Module):
         return self.out_proj(dropout(x, self.rate, take(keys, 1)))
 
 
-class ElectraForSequenceClassification(nnx.Module):
+class ElectraForSequenceClassification(SequenceClassifier):
     """ELECTRA discriminator and classification head; ``config.num_labels == 1`` is regression."""
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -65,31 +64,12 @@ class ElectraForSequenceClassification(nnx.Module):
         self.classifier = ElectraClassificationHead(config, dtype=dtype, rngs=rngs)
 
     @property
-    def config(self) -> Any:
-        """The ``transformers`` config (read-only)."""
-        return self.frozen_config.config
+    def backbone(self) -> EncoderModel:
+        return self.electra
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-        perturb_embeddings: EmbeddingHook | None = None,
-    ) -> jax.Array:
-        """Float32 logits of shape ``(batch, num_labels)``.
+    def head_dropout(self) -> tuple[int, tuple[float, ...]]:
+        return ElectraClassificationHead.num_keys, (self.classifier.rate,)
 
-        Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
-        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, embedding_size)``
-        before positions and token types are added and before the projection to
-        ``hidden_size``; ``None`` leaves it unchanged.
-        """
-        n = self.electra.num_keys
-        num = n + ElectraClassificationHead.num_keys
-        keys = dropout_keys(self.config, deterministic, dropout_rng, num, (self.classifier.rate,))
-        hidden, _ = self.electra(
-            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
-        )
-        return self.classifier(hidden, take(keys, slice(n, None))).astype(jnp.float32)
+    def head(self, encoded: tuple[jax.Array, None], keys: Key) -> jax.Array:
+        hidden, _ = encoded
+        return self.classifier(hidden, keys)

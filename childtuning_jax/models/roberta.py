@@ -14,16 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from childtuning_jax.models.bert import classifier_dropout_rate
-from childtuning_jax.models.encoder import (
-    EmbeddingHook,
-    EncoderModel,
+from childtuning_jax.models.blocks import (
     FrozenConfig,
-    check_config,
+    Key,
     dropout,
-    dropout_keys,
     linear,
     take,
 )
+from childtuning_jax.models.encoder import EncoderModel, check_config
+from childtuning_jax.models.sequence_classifier import SequenceClassifier
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -42,7 +41,7 @@ class RobertaClassificationHead(nnx.Module):
         return self.out_proj(dropout(x, self.rate, take(keys, 1)))
 
 
-class RobertaForSequenceClassification(nnx.Module):
+class RobertaForSequenceClassification(SequenceClassifier):
     """RoBERTa encoder and classification head; ``config.num_labels == 1`` is regression."""
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -54,30 +53,12 @@ class RobertaForSequenceClassification(nnx.Module):
         self.classifier = RobertaClassificationHead(config, dtype=dtype, rngs=rngs)
 
     @property
-    def config(self) -> Any:
-        """The ``transformers`` config (read-only)."""
-        return self.frozen_config.config
+    def backbone(self) -> EncoderModel:
+        return self.roberta
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-        perturb_embeddings: EmbeddingHook | None = None,
-    ) -> jax.Array:
-        """Float32 logits of shape ``(batch, num_labels)``.
+    def head_dropout(self) -> tuple[int, tuple[float, ...]]:
+        return RobertaClassificationHead.num_keys, (self.classifier.rate,)
 
-        Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
-        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, hidden)`` before
-        positions and token types are added (e.g. R3F's noise); ``None`` leaves it unchanged.
-        """
-        n = self.roberta.num_keys
-        num = n + RobertaClassificationHead.num_keys
-        keys = dropout_keys(self.config, deterministic, dropout_rng, num, (self.classifier.rate,))
-        hidden, _ = self.roberta(
-            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
-        )
-        return self.classifier(hidden, take(keys, slice(n, None))).astype(jnp.float32)
+    def head(self, encoded: tuple[jax.Array, None], keys: Key) -> jax.Array:
+        hidden, _ = encoded
+        return self.classifier(hidden, keys)

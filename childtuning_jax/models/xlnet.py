@@ -30,18 +30,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from childtuning_jax.models.encoder import (
+from childtuning_jax.models.blocks import (
     ACTIVATIONS,
     EmbeddingHook,
     FrozenConfig,
     Key,
     dropout,
-    dropout_keys,
     embedding,
     layer_norm,
     linear,
     take,
 )
+from childtuning_jax.models.sequence_classifier import SequenceClassifier
 
 Array = jax.Array
 SUMMARY_TYPES = ("last", "first", "mean")
@@ -281,7 +281,7 @@ class SequenceSummary(nnx.Module):
         return dropout(x, self.last_rate, take(keys, 1))
 
 
-class XLNetForSequenceClassification(nnx.Module):
+class XLNetForSequenceClassification(SequenceClassifier):
     """XLNet, sequence summary and ``logits_proj``; ``config.num_labels == 1`` is regression."""
 
     def __init__(self, config: Any, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -292,34 +292,16 @@ class XLNetForSequenceClassification(nnx.Module):
         self.logits_proj = linear(config.d_model, config.num_labels, config, dtype, rngs)
 
     @property
-    def config(self) -> Any:
-        """The ``transformers`` config (read-only)."""
-        return self.frozen_config.config
+    def backbone(self) -> XLNetModel:
+        return self.transformer
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-        perturb_embeddings: EmbeddingHook | None = None,
-    ) -> jax.Array:
-        """Float32 logits of shape ``(batch, num_labels)``.
-
-        Training mode is ``deterministic=False`` with an explicit ``dropout_rng`` key.
-        ``perturb_embeddings`` maps the word-embedding lookup ``(batch, seq, d_model)``;
-        ``None`` leaves it unchanged.
-        """
+    def head_dropout(self) -> tuple[int, tuple[float, ...]]:
         summary = self.sequence_summary
-        n = self.transformer.num_keys
-        rates = (self.transformer.rate, summary.first_rate, summary.last_rate)
-        keys = dropout_keys(
-            self.config, deterministic, dropout_rng, n + SequenceSummary.num_keys, rates
+        return SequenceSummary.num_keys, (
+            self.transformer.rate,
+            summary.first_rate,
+            summary.last_rate,
         )
-        hidden = self.transformer(
-            input_ids, attention_mask, token_type_ids, take(keys, slice(0, n)), perturb_embeddings
-        )
-        pooled = summary(hidden, take(keys, slice(n, None)))
-        return self.logits_proj(pooled).astype(jnp.float32)
+
+    def head(self, hidden: jax.Array, keys: Key) -> jax.Array:
+        return self.logits_proj(self.sequence_summary(hidden, keys))

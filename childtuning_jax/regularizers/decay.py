@@ -8,7 +8,6 @@ fine-tuning: the penalty ``coefficient / 2 * ||params - pretrained||**2``, whose
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,9 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from childtuning_jax import paths
-
-MaskOrFn = Any | Callable[[Any], Any] | None
+from childtuning_jax.leaf_layout import check_like_params
+from childtuning_jax.regularizers.tree_masks import (
+    MaskOrFn,
+    copy_tree,
+    is_off,
+    resolve_mask,
+    select,
+)
 
 
 class DecayToPretrainedState(NamedTuple):
@@ -32,66 +36,6 @@ class DecayToPretrainedState(NamedTuple):
 
     count: jax.Array
     pretrained: Any
-
-
-def _shape(leaf: Any) -> tuple[int, ...]:
-    return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
-
-
-def check_like_params(tree: Any, params: Any, what: str) -> None:
-    """Raises a ``ValueError`` naming the first leaf where ``tree`` and ``params`` differ."""
-    tree_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (tree_path, tree_leaf), (param_path, param_leaf) in zip(
-        tree_leaves, param_leaves, strict=False
-    ):
-        tree_name = paths.keypath_to_str(tree_path)
-        param_name = paths.keypath_to_str(param_path)
-        if tree_name != param_name:
-            raise ValueError(
-                f"{what} and params differ in structure: {what} has '{tree_name}' where the "
-                f"params have '{param_name}'"
-            )
-        if _shape(tree_leaf) != _shape(param_leaf):
-            raise ValueError(
-                f"{what} leaf '{tree_name}' has shape {_shape(tree_leaf)} but the params leaf "
-                f"has shape {_shape(param_leaf)}"
-            )
-    if len(tree_leaves) != len(param_leaves):
-        raise ValueError(
-            f"{what} has {len(tree_leaves)} leaves but the params have {len(param_leaves)}"
-        )
-
-
-def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
-    """The mask as a pytree shaped like ``params``, or None for "every leaf".
-
-    ``mask`` is a pytree of booleans (one per leaf, or bool arrays shaped like the leaves) with
-    the structure of ``params`` or a prefix of it, or a callable returning one given the params,
-    as optax's masks.
-    """
-    if mask is None:
-        return None
-    tree = mask(params) if callable(mask) else mask
-    return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
-
-
-def select(keep: Any, new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` where ``keep`` (a bool or bool array), else ``old``; static bools skip the where."""
-    if isinstance(keep, bool | np.bool_):
-        return new if keep else old
-    return jnp.where(keep, new, old)
-
-
-def is_off(keep: Any) -> bool:
-    """True for a static False mask leaf: nothing to compute for that leaf."""
-    return isinstance(keep, bool | np.bool_) and not keep
-
-
-def copy_tree(tree: Any) -> Any:
-    """A fresh device copy of every leaf (so a donated optimizer state never deletes the caller's
-    arrays)."""
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def decay_to_pretrained(

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from childtuning_jax import paths
-from childtuning_jax.regularizers.decay import (
+from childtuning_jax.leaf_layout import check_like_params
+from childtuning_jax.regularizers.tree_masks import (
     MaskOrFn,
-    check_like_params,
     copy_tree,
     is_off,
     resolve_mask,
