@@ -49,12 +49,10 @@ def _missing(marker: str) -> str | None:
     return None if present else f"../shared/{name} ({holds}) is not present"
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_runtest_setup(item):
     for marker in DATA:
-        reason = _missing(marker)
-        for item in items:
-            if reason and item.get_closest_marker(marker):
-                item.add_marker(pytest.mark.skip(reason=reason))
+        if item.get_closest_marker(marker) and (reason := _missing(marker)):
+            pytest.skip(reason)
 
 
 def _data_dir(marker: str) -> str:
