@@ -7,7 +7,7 @@ GLUE_DIR ?= ../shared/glue
 
 BARE ?= .venv-bare
 
-.PHONY: install test test-bare lint quickstart rte bench launch
+.PHONY: install test test-slow test-bare lint quickstart rte bench launch
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install test-bare
 	# Two workers, each test file on one: compiles (one core each) overlap.
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The tests marked slow (pyproject.toml leaves them out of `make test`).
+test-slow: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
+
 # The library alone (`pip install .`, no extras) in its own environment: imports, runs F and D.
 $(BARE)/.installed: pyproject.toml
 	rm -rf $(BARE)
@@ -36,7 +40,7 @@ $(BARE)/.installed: pyproject.toml
 
 test-bare: $(BARE)/.installed
 	$(BARE)/bin/python -m pip install -q --no-deps --force-reinstall .
-	$(BARE)/bin/python -I tests/bare_install_check.py --expect-bare
+	$(BARE)/bin/python -I tools/bare_install_check.py --expect-bare
 
 lint: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import GLUE_DIR, REPO, _tiny_bert
 
 from childtuning_jax import fisher_mask, leaf_names
 from childtuning_trainer import recipe, saved_model
@@ -28,9 +27,7 @@ from childtuning_trainer.experiments import (
 )
 from childtuning_trainer.experiments.store import RunSpec
 
-needs_glue = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
-)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +572,7 @@ def test_bad_run_is_reported_with_its_error_line(tmp_path):
     assert "--config.data_dir=/elsewhere" in log and "/local/glue" not in log
 
 
-@needs_glue
+@pytest.mark.needs_glue
 def test_sweep_reads_tasks_missing_locally_from_the_hub():
     out = subprocess.run(
         [sys.executable, "sweep.py", "--protocol=fewshot", "--tasks=sst2,rte", "--dry_run"],
@@ -600,9 +597,9 @@ def test_a_run_locked_by_another_sweep_is_left_to_it(tmp_path, capsys):
         assert mine
 
 
-@needs_glue
-def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
-    model = _tiny_bert(tmp_path / "tiny", 2, headless=True)
+@pytest.mark.needs_glue
+def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path, glue_dir, tiny_checkpoint):
+    model = tiny_checkpoint()
     spec = RunSpec.of(
         task="mrpc",
         mode="D",
@@ -619,7 +616,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     kwargs = dict(
         config_file=os.path.join(REPO, "configs", "glue.py"),
         train_script=os.path.join(REPO, "train.py"),
-        settings={"data_dir": GLUE_DIR},
+        settings={"data_dir": glue_dir},
         results_file=str(tmp_path / "runs.jsonl"),
         work_dir=str(tmp_path / "work"),
     )
@@ -646,7 +643,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
 
     module = probe.load_source(record, str(work))
     task = tasks.get_task("mrpc")
-    train, dev = task.load_splits(GLUE_DIR)
+    train, dev = task.load_splits(glue_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     data = input_pipeline.tokenize_all(train, [dev[0].select(np.arange(16))], task, tokenizer, 32)
     batch = data.dev[0]
@@ -661,7 +658,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
     np.testing.assert_allclose(module.classifier(jnp.asarray(features)), logits, atol=1e-5)
 
     # The probe: a new head for another task on the frozen encoder.
-    result = probe.probe(record, str(work), "rte", GLUE_DIR, target_samples=20)
+    result = probe.probe(record, str(work), "rte", glue_dir, target_samples=20)
     assert result["target"] == "rte" and result["num_train_examples"] == 20
     assert result["num_dev_examples"] == 277 and 0.0 <= result["eval"]["accuracy"] <= 1.0
     assert result["source_mode"] == "D" and result["source_run_id"] == spec.run_id
@@ -680,7 +677,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path):
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(tuned), strict=True)
     )
-    reference = probe.probe(record, None, "rte", GLUE_DIR, target_samples=20)
+    reference = probe.probe(record, None, "rte", glue_dir, target_samples=20)
     assert reference["source_mode"] == "pretrained" and reference["source_run_id"] is None
     assert reference["num_dev_examples"] == 277
 

@@ -10,11 +10,6 @@ from sklearn import metrics as skm
 from childtuning_trainer.tasks import Examples, glue, metrics
 from childtuning_trainer.tokenization import tokenize
 
-GLUE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "glue")
-needs_glue = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
-)
-
 # Official sizes (GLUE paper / download_glue_data.py) and label counts.
 OFFICIAL = {
     "cola": ((8551, 1043), {1: 6023, 0: 2528}),
@@ -24,11 +19,11 @@ OFFICIAL = {
 }
 
 
-@needs_glue
+@pytest.mark.needs_glue
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
-def test_real_files_have_official_row_counts(name):
+def test_real_files_have_official_row_counts(name, glue_dir):
     task = glue.get_task(name)
-    train, (dev,) = glue.load_tsv_splits(task, GLUE_DIR)
+    train, (dev,) = glue.load_tsv_splits(task, glue_dir)
     (n_train, n_dev), label_counts = OFFICIAL[name]
     assert (len(train), len(dev)) == (n_train, n_dev)
     assert len(train.text_a) == len(train.labels) == n_train
@@ -42,21 +37,21 @@ def test_real_files_have_official_row_counts(name):
         assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == label_counts
 
 
-@needs_glue
-def test_real_file_quirks_are_read_faithfully():
+@pytest.mark.needs_glue
+def test_real_file_quirks_are_read_faithfully(glue_dir):
     # CoLA: no header, so the first line is an example; dev.tsv has no final newline.
-    cola_train, (cola_dev,) = glue.load_tsv_splits(glue.get_task("cola"), GLUE_DIR)
+    cola_train, (cola_dev,) = glue.load_tsv_splits(glue.get_task("cola"), glue_dir)
     assert cola_train.text_a[0].startswith("Our friends won't buy this analysis")
-    assert cola_dev.text_a[-1] == _last_field(os.path.join(GLUE_DIR, "CoLA", "dev.tsv"))
+    assert cola_dev.text_a[-1] == _last_field(os.path.join(glue_dir, "CoLA", "dev.tsv"))
     # MRPC: header behind a BOM; bare quotes kept as text.
-    mrpc_train, _ = glue.load_tsv_splits(glue.get_task("mrpc"), GLUE_DIR)
+    mrpc_train, _ = glue.load_tsv_splits(glue.get_task("mrpc"), glue_dir)
     assert mrpc_train.text_a[0] == (
         'Amrozi accused his brother , whom he called " the witness " , of deliberately '
         "distorting his evidence ."
     )
     # RTE: row 2164 starts with a bare quote; CSV quoting would swallow the following lines.
-    rte_train, _ = glue.load_tsv_splits(glue.get_task("rte"), GLUE_DIR)
-    with open(os.path.join(GLUE_DIR, "RTE", "train.tsv"), encoding="utf-8") as f:
+    rte_train, _ = glue.load_tsv_splits(glue.get_task("rte"), glue_dir)
+    with open(os.path.join(glue_dir, "RTE", "train.tsv"), encoding="utf-8") as f:
         row = f.read().split("\n")[2164 + 1].split("\t")
     assert row[0] == "2164" and row[1].startswith('"')
     assert rte_train.text_a[2164] == row[1] and rte_train.text_b[2164] == row[2]

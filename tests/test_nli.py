@@ -1,7 +1,6 @@
 """NLI beyond GLUE: the readers on the real files in ../shared/nli, the fixed split, label
 merging, the errors, and extra evaluation sets in a short trainer run."""
 
-import importlib.util
 import json
 import os
 import re
@@ -9,23 +8,10 @@ import re
 import jax
 import numpy as np
 import pytest
+import transformers
 
 from childtuning_trainer import config_checks, extra_eval, input_pipeline, loop
 from childtuning_trainer.tasks import DataError, get_task, nli
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NLI_DIR = os.path.join(REPO, "..", "shared", "nli")
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
-needs_nli = pytest.mark.skipif(
-    not os.path.isdir(NLI_DIR), reason="../shared/nli (the NLI files) is not present"
-)
-needs_glue = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
-)
-
-_spec = importlib.util.spec_from_file_location("glue_config", os.path.join(REPO, "configs/glue.py"))
-glue_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(glue_config)
 
 
 def _jsonl(path, rows):
@@ -54,21 +40,21 @@ TWO_WAY = [
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_nli
+@pytest.mark.needs_nli
 @pytest.mark.parametrize(
     "path, counts",
     [("snli/dev.jsonl", [3329, 3235, 3278]), ("mnli/dev_matched.jsonl", [3479, 3123, 3213])],
 )
-def test_real_jsonl_files_have_the_manifest_counts(path, counts):
-    examples, labels = nli.read_jsonl(os.path.join(NLI_DIR, path))
+def test_real_jsonl_files_have_the_manifest_counts(path, counts, nli_dir):
+    examples, labels = nli.read_jsonl(os.path.join(nli_dir, path))
     assert labels == nli.LABELS_3 == get_task("snli").labels
     assert len(examples) == sum(counts) == len(examples.text_b)
     assert np.bincount(examples.labels).tolist() == counts
 
 
-@needs_nli
-def test_real_sick_file_splits_labels_and_line_endings():
-    path = os.path.join(NLI_DIR, "sick", "SICK.txt")
+@pytest.mark.needs_nli
+def test_real_sick_file_splits_labels_and_line_endings(nli_dir):
+    path = os.path.join(nli_dir, "sick", "SICK.txt")
     splits = nli.read_sick(path)
     assert {s: len(e) for s, e in splits.items()} == {"TRAIN": 4439, "TRIAL": 495, "TEST": 4906}
     counts = sum(np.bincount(e.labels, minlength=3) for e in splits.values())
@@ -78,28 +64,30 @@ def test_real_sick_file_splits_labels_and_line_endings():
     with open(path, newline="") as f:
         last = f.read().split("\r\n")[-1].split("\t")  # no newline after the last line
     assert last[-1] in splits and splits[last[-1]].text_b[-1] == last[2]
-    train, (test,) = get_task("sick").load_splits(NLI_DIR)
+    train, (test,) = get_task("sick").load_splits(nli_dir)
     assert (len(train), len(test)) == (4439, 4906)
 
 
-@needs_nli
+@pytest.mark.needs_nli
 @pytest.mark.parametrize(
     "name, file, num_dev",
     [("snli", "snli/dev.jsonl", 3842), ("mnli_m", "mnli/dev_matched.jsonl", 3815)],
 )
-def test_fixed_split_is_disjoint_covers_the_file_and_ignores_the_run_seed(name, file, num_dev):
-    examples, _ = nli.read_jsonl(os.path.join(NLI_DIR, file))
+def test_fixed_split_is_disjoint_covers_the_file_and_ignores_the_run_seed(
+    name, file, num_dev, base_config, nli_dir
+):
+    examples, _ = nli.read_jsonl(os.path.join(nli_dir, file))
     pool, held_out = nli.fixed_split(len(examples))
     assert (len(pool), len(held_out)) == (nli.data.TRAIN_POOL, num_dev)
     assert np.array_equal(np.sort(np.concatenate([pool, held_out])), np.arange(len(examples)))
-    train, (dev,) = get_task(name).load_splits(NLI_DIR)
+    train, (dev,) = get_task(name).load_splits(nli_dir)
     assert train.text_b == examples.select(pool).text_b
     assert dev.text_b == examples.select(held_out).text_b
     assert np.array_equal(dev.labels, examples.labels[held_out])
 
     def run_split(seed):
-        config = glue_config.get_config()
-        config.update(task=name, data_dir=NLI_DIR, seed=seed, max_train_samples=500)
+        config = base_config()
+        config.update(task=name, data_dir=nli_dir, seed=seed, max_train_samples=500)
         return input_pipeline.load_examples(config, get_task(name))
 
     (train_1, (dev_1,)), (train_2, (dev_2,)) = run_split(1), run_split(2)
@@ -200,7 +188,7 @@ def test_label_merging_in_both_directions():
     assert extra_eval.merged_accuracy([0, 2, 1, 0], three, np.array([0, 1, 1, 1]), two) == 0.75
 
 
-def test_spec_parsing_and_config_checks(tmp_path):
+def test_spec_parsing_and_config_checks(tmp_path, base_config):
     spec = " a = x.jsonl, b.2=~/y.txt ,"
     assert extra_eval.parse_spec(spec) == [("a", "x.jsonl"), ("b.2", os.path.expanduser("~/y.txt"))]
     assert extra_eval.parse_spec("") == []
@@ -212,7 +200,7 @@ def test_spec_parsing_and_config_checks(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             extra_eval.parse_spec(bad)
-    config = glue_config.get_config()
+    config = base_config()
     config.update(output_dir=str(tmp_path), extra_eval="x=/nonexistent.jsonl")
     for task in ("rte", "qnli", "mnli", "snli", "mnli_m", "sick"):
         config.task = task
@@ -222,7 +210,7 @@ def test_spec_parsing_and_config_checks(tmp_path):
         config_checks.check_config(config)
 
 
-def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch):
+def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch, base_config):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
@@ -230,7 +218,7 @@ def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch):
     (tmp_path / "snli").mkdir()
     for split in ("train", "dev"):
         _jsonl(tmp_path / "snli" / f"{split}.jsonl", THREE_WAY)
-    config = glue_config.get_config()
+    config = base_config()
     config.update(task="snli", data_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     config.extra_eval = f"gone={tmp_path / 'gone.jsonl'}"
     with pytest.raises(DataError, match="extra_eval 'gone': no file"):
@@ -242,31 +230,25 @@ def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch):
         loop.train_and_evaluate(config)
 
 
-@needs_nli
-def test_sick_file_as_an_extra_set_is_its_test_split():
-    extra = extra_eval.read_set("sick", os.path.join(NLI_DIR, "sick", "SICK.txt"))
+@pytest.mark.needs_nli
+def test_sick_file_as_an_extra_set_is_its_test_split(nli_dir):
+    extra = extra_eval.read_set("sick", os.path.join(nli_dir, "sick", "SICK.txt"))
     assert extra.labels == nli.LABELS_3 and len(extra.examples) == 4906
 
 
-def _tiny_bert(directory, num_labels):
-    """The trainer tests' one-layer BERT with the MiniLM tokenizer, and that tokenizer."""
-    import transformers
-    from test_train import _tiny_bert as tiny_bert
-
-    model_dir = tiny_bert(directory, num_labels)
-    return model_dir, transformers.AutoTokenizer.from_pretrained(model_dir)
-
-
-@needs_glue
-def test_extra_sets_are_scored_after_training_and_on_a_finished_run(tmp_path):
-    model_dir, tokenizer = _tiny_bert(tmp_path / "tiny", 2)
+@pytest.mark.needs_glue
+def test_extra_sets_are_scored_after_training_and_on_a_finished_run(
+    tmp_path, base_config, glue_dir, tiny_checkpoint
+):
+    model_dir = tiny_checkpoint(headless=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     three = _jsonl(tmp_path / "three.jsonl", THREE_WAY)
     two = _jsonl(tmp_path / "two.jsonl", TWO_WAY)
-    config = glue_config.get_config()
+    config = base_config()
     config.update(
         task="rte",
         mode="vanilla",
-        data_dir=GLUE_DIR,
+        data_dir=glue_dir,
         model=model_dir,
         output_dir=str(tmp_path / "out"),
         max_train_samples=16,

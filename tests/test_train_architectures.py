@@ -3,10 +3,8 @@ downloaded), run end to end in vanilla, F and D on a few RTE rows, with a bit-ex
 dropout override of every architecture; XLNet's left padding; ``check_model`` for both."""
 
 import functools
-import importlib.util
 import json
 import os
-import string
 import warnings
 
 import jax
@@ -14,32 +12,17 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
+from tiny_models import NUM_LAYERS, electra_tokenizer, tiny_config, xlnet_tokenizer
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import dropout_overrides, from_config, from_pretrained, save_pretrained
 from childtuning_trainer import config_checks, input_pipeline, loop, tasks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
-needs_glue = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
-)
 # The tiny checkpoints have no classification head; the trainer's warning about it is checked in
 # test_end_to_end and not repeated in the summary.
 pytestmark = pytest.mark.filterwarnings("ignore:.*newly initialised:UserWarning")
 
-
-def _load_config_file(path):
-    spec = importlib.util.spec_from_file_location("glue_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-glue_config = _load_config_file(os.path.join(REPO, "configs", "glue.py"))
-
 ARCHS = ("electra", "xlnet")
-NUM_LAYERS = 2
 ENCODER_LAYERS = {"electra": "electra/encoder/layer", "xlnet": "transformer/layer"}
 QUERY = {  # one encoder weight of 1024 elements
     "electra": "electra/encoder/layer/0/attention/self/query/kernel",
@@ -54,84 +37,6 @@ SENTENCES = [
     "A dog barked at the mailman, who ran away.",
     "Paris is the capital of France.",
 ]
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers and checkpoints, built locally
-# ---------------------------------------------------------------------------------------------
-
-
-def _pieces(tokenizer, texts):
-    """The pre-tokenised pieces of ``texts`` (normalised as ``tokenizer`` does), sorted."""
-    backend = tokenizer.backend_tokenizer
-    normalize = backend.normalizer.normalize_str if backend.normalizer else (lambda t: t)
-    return sorted(
-        {p for t in texts for p, _ in backend.pre_tokenizer.pre_tokenize_str(normalize(t))}
-    )
-
-
-def electra_tokenizer(texts):
-    """An ELECTRA (BERT WordPiece, uncased) tokenizer over the words of ``texts``: ``[CLS] A [SEP]
-    B [SEP]``, token types 0/1, right padding with ``[PAD]`` = 0. Unknown words fall back to
-    letters."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    base = transformers.ElectraTokenizerFast(vocab={t: i for i, t in enumerate(specials)})
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    words = [w for w in _pieces(base, texts) if w not in chars]
-    tokens = specials + chars + ["##" + c for c in chars] + words
-    return transformers.ElectraTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
-
-
-def xlnet_tokenizer(texts):
-    """An XLNet (SentencePiece Unigram) tokenizer over the pieces of ``texts``, with XLNet's
-    special-token ids (``<pad>`` = 5) and conventions: ``A <sep> B <sep> <cls>``, token types
-    0/1/2, padding on the LEFT. Unknown pieces fall back to characters."""
-    specials = ["<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"]
-    base = transformers.XLNetTokenizer(vocab=[(t, 0.0) for t in specials])
-    chars = [(c, -10.0) for c in "▁" + string.ascii_letters + string.digits + string.punctuation]
-    words = [(w, -5.0) for w in _pieces(base, texts) if len(w) > 1]
-    return transformers.XLNetTokenizer(vocab=[(t, 0.0) for t in specials] + chars + words)
-
-
-def tiny_config(arch, vocab_size):
-    if arch == "electra":
-        return transformers.ElectraConfig(
-            vocab_size=vocab_size,
-            embedding_size=16,
-            hidden_size=32,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    return transformers.XLNetConfig(
-        vocab_size=vocab_size, d_model=32, n_layer=NUM_LAYERS, n_head=2, d_inner=64
-    )
-
-
-def tiny_checkpoint(directory, arch, texts):
-    """A pre-trained-style checkpoint (no classification head, a pre-training head's tensor and
-    architecture, as ``google/electra-large-discriminator`` and ``xlnet-large-cased``) with its
-    tokenizer, saved by ``save_pretrained``."""
-    from safetensors.numpy import load_file, save_file
-
-    tokenizer = (electra_tokenizer if arch == "electra" else xlnet_tokenizer)(texts)
-    config = tiny_config(arch, len(tokenizer))
-    save_pretrained(from_config(config, num_labels=2, seed=0), directory, tokenizer)
-    path = os.path.join(directory, "model.safetensors")
-    head = ("classifier.",) if arch == "electra" else ("sequence_summary.", "logits_proj.")
-    tensors = {k: v for k, v in load_file(path).items() if not k.startswith(head)}
-    if arch == "electra":
-        tensors["discriminator_predictions.dense_prediction.weight"] = np.ones((1, 32), np.float32)
-    else:
-        tensors["lm_loss.bias"] = np.zeros(len(tokenizer), np.float32)
-    save_file(tensors, path)
-    with open(os.path.join(directory, "config.json")) as f:
-        saved = json.load(f)
-    saved["architectures"] = ["ElectraForPreTraining" if arch == "electra" else "XLNetLMHeadModel"]
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(saved, f)
-    return str(directory)
-
 
 # ---------------------------------------------------------------------------------------------
 # Library: dropout override, tokenizers (no GLUE needed)
@@ -251,28 +156,23 @@ def test_check_model_takes_electra_and_xlnet(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_config(model_dir, out_dir, **overrides):
-    config = glue_config.get_config()
-    config.update(
-        task="rte",
-        data_dir=GLUE_DIR,
-        model=model_dir,
-        output_dir=str(out_dir),
-        max_train_samples=NUM_TRAIN,
-        max_eval_samples=8,
-        max_seq_length=32,
-        num_train_epochs=2,
-        per_device_batch_size=GLOBAL_BATCH,
-        num_devices=1,
-        learning_rate=1e-3,
-        weight_decay=0.0,  # so ChildTuning-D's frozen weights stay exactly where they were
-        dropout=0.0,
-        log_every_steps=2,
-        checkpoint_every_steps=2,
-        keep_checkpoints=5,
-    )
-    config.update(overrides)
-    return config
+RUN = dict(
+    max_train_samples=NUM_TRAIN,
+    max_eval_samples=8,
+    num_train_epochs=2,
+    per_device_batch_size=GLOBAL_BATCH,
+    num_devices=1,
+    dropout=0.0,
+    log_every_steps=2,
+    checkpoint_every_steps=2,
+    keep_checkpoints=5,
+)
+
+
+@pytest.fixture(scope="module")
+def make_config(run_config):
+    """``make_config(model_dir, out_dir, **overrides)``: this module's runs (``RUN``)."""
+    return functools.partial(run_config, **RUN)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +181,7 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir):
+def checkpoint(workdir, make_config, tiny_checkpoint):
     """``checkpoint(arch)``: a tiny checkpoint whose vocabulary covers the RTE rows of the runs
     (training subset and dev rows; other words fall back to characters)."""
 
@@ -290,13 +190,13 @@ def checkpoint(workdir):
         config = make_config("", workdir)
         train, dev = input_pipeline.load_examples(config, tasks.get_task("rte"))
         texts = [t for split in [train, *dev] for t in [*split.text_a, *split.text_b]]
-        return tiny_checkpoint(workdir / f"tiny_{arch}", arch, texts)
+        return tiny_checkpoint(arch, texts=tuple(texts))
 
     return _checkpoint
 
 
 @pytest.fixture(scope="module")
-def run(workdir, checkpoint):
+def run(workdir, checkpoint, make_config):
     """``run(arch, mode)``: one uninterrupted run and the warnings it gave, once per module."""
 
     @functools.cache
@@ -310,7 +210,7 @@ def run(workdir, checkpoint):
     return _run
 
 
-@needs_glue
+@pytest.mark.needs_glue
 @pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end(run, checkpoint, arch, mode):
@@ -358,8 +258,8 @@ def test_end_to_end(run, checkpoint, arch, mode):
             assert changed[name].mean() <= summary["kept_fraction_per_parameter"][name] + 1e-9
 
 
-@needs_glue
-def test_xlnet_resume_after_a_kill_is_bit_exact(run, checkpoint, workdir):
+@pytest.mark.needs_glue
+def test_xlnet_resume_after_a_kill_is_bit_exact(run, checkpoint, workdir, make_config):
     reference, ref_params, ref_out, _ = run("xlnet", "D")
     out = workdir / "xlnet_D_resumed"
     model = checkpoint("xlnet")
@@ -376,8 +276,8 @@ def test_xlnet_resume_after_a_kill_is_bit_exact(run, checkpoint, workdir):
         assert f.read() == g.read()
 
 
-@needs_glue
-def test_xlnet_batches_are_left_padded(checkpoint, tmp_path):
+@pytest.mark.needs_glue
+def test_xlnet_batches_are_left_padded(checkpoint, tmp_path, make_config):
     """The trainer's tokenisation and batches keep XLNet's padding on the left, so the summary's
     last position is every example's ``<cls>``."""
     model = checkpoint("xlnet")

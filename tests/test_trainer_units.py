@@ -1,7 +1,6 @@
 """The trainer's pure pieces, without ../shared: config checks, the schedule, the recipe, the input
 pipeline, the objective, and the checkpoint layout."""
 
-import importlib.util
 import itertools
 import os
 import subprocess
@@ -21,15 +20,6 @@ from childtuning_trainer import checkpoints, config_checks, input_pipeline, reci
 from childtuning_trainer.objective import example_losses, make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _base_config(**overrides):
-    spec = importlib.util.spec_from_file_location("glue_config", f"{REPO}/configs/glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.update(**{"output_dir": "unused", **overrides})
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,13 +44,13 @@ def _base_config(**overrides):
         (dict(bucket_multiple=0), "bucket_multiple=0 must be a positive int"),
     ],
 )
-def test_config_checks_name_the_bad_setting(overrides, message):
+def test_config_checks_name_the_bad_setting(overrides, message, base_config):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(_base_config(**overrides))
+        config_checks.check_config(base_config(**overrides))
 
 
-def test_config_checks_return_the_task_and_authors_reserve_p():
-    assert config_checks.check_config(_base_config(task="MRPC")).name == "mrpc"
+def test_config_checks_return_the_task_and_authors_reserve_p(base_config):
+    assert config_checks.check_config(base_config(task="MRPC")).name == "mrpc"
     assert recipe.resolve_reserve_p("F", "mrpc", None) == 0.4
     assert recipe.resolve_reserve_p("D", "mrpc", None) == 0.1
     assert recipe.resolve_reserve_p("D", "qnli", None) == recipe.DEFAULT_RESERVE_P
@@ -352,7 +342,7 @@ def test_step_without_an_axis_equals_the_mapped_step_on_one_device():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
+def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path, base_config):
     _, params = tiny_model()
     rng = np.random.default_rng(0)
     mask = jax.tree.map(lambda p: rng.random(np.shape(p)) < 0.3, params)
@@ -364,7 +354,7 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
     mask = jax.tree.unflatten(jax.tree.structure(mask), leaves)
     tx = recipe.make_optimizer(child_tuning_d(mask), params, recipe.OptimizerSettings())
     state = steps.TrainState(jnp.array(3, jnp.int32), params, tx.init(params))
-    config = _base_config(output_dir=str(tmp_path), keep_checkpoints=2)
+    config = base_config(output_dir=str(tmp_path), keep_checkpoints=2)
     manager = checkpoints.checkpoint_manager(config)
     replicated = jax.tree.map(lambda x: np.asarray(x)[None], state)  # one device
     meta = {"step": 3, "d_mask_uniform_leaves": uniform_leaf_names(mask), "config": {}}
@@ -387,8 +377,8 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
         assert np.array_equal(a, b)
 
 
-def test_resume_is_refused_when_a_setting_differs():
-    config = _base_config(learning_rate=1e-3)
+def test_resume_is_refused_when_a_setting_differs(base_config):
+    config = base_config(learning_rate=1e-3)
     meta = {"config": dict(config.to_dict(), learning_rate=2e-3), "global_batch_size": 16}
     with pytest.raises(ValueError, match="checkpoint has learning_rate=0.002"):
         checkpoints.check_resumable(config, meta, 16)
@@ -441,13 +431,13 @@ def test_trivial_baseline_is_the_majority_class_or_a_constant():
     assert "training mean 2.5" in what and scores == {"pearson": 0.0, "spearmanr": 0.0}
 
 
-def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path):
+def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path, base_config):
     """reserve_p = 1 keeps every weight: no mixed leaf, yet the state still checkpoints."""
     params = {"layer": {"w": np.ones((3, 2), np.float32)}, "head": np.ones(2, np.float32)}
     mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     tx = child_tuning_d(mask)
     state = steps.TrainState(jnp.array(1, jnp.int32), params, tx.init(params))
-    manager = checkpoints.checkpoint_manager(_base_config(output_dir=str(tmp_path)))
+    manager = checkpoints.checkpoint_manager(base_config(output_dir=str(tmp_path)))
     checkpoints.save_checkpoint(
         manager, jax.tree.map(lambda x: np.asarray(x)[None], state), {"step": 1}
     )

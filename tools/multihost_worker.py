@@ -1,6 +1,6 @@
 """One process of the multi-host tests: several runs in turn, one ``jax.distributed`` session.
 
-  python launch.py --script=tests/multihost_worker.py -- --config=configs/glue.py ... \
+  python launch.py --script=tools/multihost_worker.py -- --config=configs/glue.py ... \
       --runs=vanilla:pmap,F:pmap,D:pmap,D:jit
 
 Run ``mode:parallelism`` writes to ``output_dir/<mode>_<parallelism>`` (process 0, as

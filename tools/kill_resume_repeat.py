@@ -1,7 +1,7 @@
 """Repeats the kill-anywhere resume trial (``test_kill_resume.py``) and counts the bit-exact ones.
 
-  python tests/kill_resume_repeat.py --trials=20                # one process x 4 devices
-  python tests/kill_resume_repeat.py --trials=5 --processes=2   # launch.py 2 x 2, one killed
+  python tools/kill_resume_repeat.py --trials=20                # one process x 4 devices
+  python tools/kill_resume_repeat.py --trials=5 --processes=2   # launch.py 2 x 2, one killed
 
 Each trial SIGKILLs a ``train.py`` run of ChildTuning-D on 24 RTE examples (6 steps, a
 checkpoint at each) at a random moment, resumes it to the end with ``resume=true``, and compares
@@ -34,11 +34,11 @@ from kill_trials import (  # noqa: E402
 
 
 def tiny_model(directory: str) -> str:
-    """The tests' one-layer BERT (``test_train._tiny_bert``), made in a child process."""
+    """The tests' one-layer BERT (``tests/tiny_models.save_tiny_bert``), made in a child process."""
     code = (
-        "import pathlib, sys; sys.path.insert(0, 'tests'); import conftest; "
-        "from test_train import _tiny_bert; "
-        f"_tiny_bert(pathlib.Path({directory!r}), 2, headless=True)"
+        "import sys; sys.path.insert(0, 'tests'); import conftest; "
+        "from tiny_models import save_tiny_bert; "
+        f"save_tiny_bert({directory!r}, 2, headless=True)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), check=True)
     return directory
