@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from childtuning_trainer import parallel, regularizers
+from childtuning_trainer import parallel, regularization
 
 # Settings a checkpoint must agree with to be resumed (every regulariser setting included).
 RESUME_KEYS = (
@@ -46,7 +46,7 @@ RESUME_KEYS = (
     "bucket_multiple",
     "max_buckets",
     "bucket_min_share",
-    *regularizers.CONFIG_KEYS,
+    *regularization.CONFIG_KEYS,
 )
 # What a key added later meant in checkpoints written before it existed.
 LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0}

@@ -7,19 +7,26 @@ from typing import Any
 import ml_collections
 import transformers
 
-from childtuning_trainer import extra_eval, input_pipeline, recipe, regularizers, tasks
+from childtuning_trainer import (
+    extra_eval,
+    input_pipeline,
+    mask_rules,
+    optimizer_chain,
+    regularization,
+    tasks,
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
     """Validates the settings that need no files; returns the task."""
     task = tasks.get_task(config.task)
-    recipe.check_mode(config.mode)
-    if config.optimizer not in recipe.OPTIMIZERS:
+    optimizer_chain.check_mode(config.mode)
+    if config.optimizer not in optimizer_chain.OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {config.optimizer!r}; expected one of "
-            f"{', '.join(recipe.OPTIMIZERS)}."
+            f"{', '.join(optimizer_chain.OPTIMIZERS)}."
         )
-    recipe.get_mask_rule(config.mask_rule)
+    mask_rules.get_mask_rule(config.mask_rule)
     if config.prune and config.mode != "D":
         raise ValueError(f"config.prune needs mode D (the child network), not {config.mode!r}.")
     positive = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")
@@ -45,8 +52,8 @@ def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
         raise ValueError(f"config.dropout={config.dropout} must be in [0, 1).")
     if not config.output_dir:
         raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
-    recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
-    regularizers.check_config(config)  # (mixout: an unset dropout becomes 0)
+    optimizer_chain.resolve_reserve_p(config.mode, task.name, config.reserve_p)
+    regularization.check_config(config)  # (mixout: an unset dropout becomes 0)
     extra_eval.check_config(config.get("extra_eval", ""), task)
     return task
 

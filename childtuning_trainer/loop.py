@@ -2,8 +2,8 @@
 
 ``train_and_evaluate(config)`` is what ``train.py`` calls. Every other module supplies one piece:
 ``config_checks``, ``tasks`` and ``input_pipeline`` (the data), ``objective`` (the loss),
-``recipe`` (optimizer chain and D's mask rule), ``steps`` and ``parallel`` (the mapped steps),
-``checkpoints`` and ``outputs`` (what is saved).
+``optimizer_chain`` and ``mask_rules`` (D's child network), ``steps`` and ``parallel`` (the
+mapped steps), ``checkpoints`` and ``outputs`` (what is saved).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from childtuning_trainer import (
     distributed,
     extra_eval,
     input_pipeline,
+    mask_rules,
+    optimizer_chain,
     outputs,
     parallel,
-    recipe,
-    regularizers,
+    regularization,
     saved_model,
     steps,
 )
@@ -106,19 +107,19 @@ class Run:
         return make_objective(self.model, self.task.is_regression)
 
     @property
-    def regularizer(self) -> regularizers.Regularizer:
-        return regularizers.from_config(self.config)
+    def regularizer(self) -> regularization.Regularizer:
+        return regularization.from_config(self.config)
 
     @property
     def train_objective(self):
         """The train step's loss: the task loss, or the regulariser's wrapper of it."""
-        return regularizers.train_objective(
+        return regularization.train_objective(
             self.regularizer, self.model, self.task.is_regression, has_dropout(self.config)
         )
 
     def train_step(self, tx: optax.GradientTransformation) -> Callable:
         """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``."""
-        step = regularizers.make_train_step(
+        step = regularization.make_train_step(
             self.regularizer, self.train_objective, tx, has_dropout(self.config)
         )
         return parallel.map_train_step(step, self.devices)
@@ -147,7 +148,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     """Checks everything that can be wrong with the input, then tokenises and loads the model."""
     distributed.initialize(config)  # joins the other processes, before any JAX work
     task = config_checks.check_config(config)
-    reserve_p = recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
+    reserve_p = optimizer_chain.resolve_reserve_p(config.mode, task.name, config.reserve_p)
     devices = parallel.select_devices(config.num_devices, config.parallelism)
     train_examples, dev_examples = input_pipeline.load_examples(config, task)
     extra_sets = extra_eval.load_sets(config.get("extra_eval", ""), task)
@@ -170,7 +171,9 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
     total_steps = steps_per_epoch * config.num_train_epochs
     model, params = load_model(config, task)
-    schedule = recipe.learning_rate_schedule(config.learning_rate, config.warmup_ratio, total_steps)
+    schedule = optimizer_chain.learning_rate_schedule(
+        config.learning_rate, config.warmup_ratio, total_steps
+    )
     return Run(
         config,
         task,
@@ -198,7 +201,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     if saved_meta is not None:
         uniform = saved_meta.get("d_mask_uniform_leaves", [])
         template_mask = template_child_mask(params, uniform)
-        tx = recipe.optimizer_from_config(
+        tx = optimizer_chain.optimizer_from_config(
             config, params, run.schedule, run.reserve_p, mask=template_mask
         )
         template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -213,7 +216,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     mask = None
     if config.mode == "D":
         start = time.perf_counter()
-        mask, meta["fisher_source"] = recipe.child_mask(
+        mask, meta["fisher_source"] = mask_rules.child_mask(
             config,
             run.objective,
             params,
@@ -224,7 +227,7 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
         )
         meta["fisher_time_s"] = time.perf_counter() - start
         meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
-        summary = recipe.mask_summary(mask, run.reserve_p)
+        summary = mask_rules.mask_summary(mask, run.reserve_p)
         meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]
         summary["fisher_time_s"] = meta["fisher_time_s"]
         summary["fisher_source"] = meta["fisher_source"]
@@ -234,8 +237,10 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
             f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
         )
         if config.prune:  # the pruning ablation: the model is the child network alone
-            params = recipe.prune(params, mask)
-    tx = recipe.optimizer_from_config(config, params, run.schedule, run.reserve_p, mask=mask)
+            params = mask_rules.prune(params, mask)
+    tx = optimizer_chain.optimizer_from_config(
+        config, params, run.schedule, run.reserve_p, mask=mask
+    )
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, meta
 
 

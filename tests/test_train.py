@@ -14,7 +14,7 @@ import pytest
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import from_config, from_pretrained, save_pretrained
-from childtuning_trainer import loop, recipe, tasks
+from childtuning_trainer import loop, mask_rules, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -260,7 +260,7 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
         config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
         run = loop.prepare(config)
-        computed = recipe.fisher_pass(
+        computed = mask_rules.fisher_pass(
             config,
             run.objective,
             run.params,
@@ -435,7 +435,9 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
             dtype=dtype,
         )
         run = loop.prepare(config)
-        fisher = recipe.fisher_pass(config, run.objective, run.params, run.data, run.devices).fisher
+        fisher = mask_rules.fisher_pass(
+            config, run.objective, run.params, run.data, run.devices
+        ).fisher
         masks[dtype] = fisher_mask(fisher, 0.3)
         run.manager.close()
         outcomes[dtype] = loop.train_and_evaluate(config)

@@ -16,12 +16,12 @@ import tiny_models
 import childtuning_jax as ct
 from childtuning_jax import leaf_names
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import checkpoints, config_checks, recipe, regularizers, steps
+from childtuning_trainer import checkpoints, config_checks, optimizer_chain, regularization, steps
 from childtuning_trainer.objective import ANCHOR, example_losses, make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REGULARIZERS = regularizers.NAMES
-MODES = recipe.MODES
+REGULARIZERS = regularization.NAMES
+MODES = optimizer_chain.MODES
 
 
 def _glue_module():
@@ -68,19 +68,19 @@ VISIBLE = dict(
 
 def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them():
     config = _base_config()
-    defaults = regularizers.Regularizer()
-    assert regularizers.from_config(config) == defaults
+    defaults = regularization.Regularizer()
+    assert regularization.from_config(config) == defaults
     assert config.regularizer == "none"
     assert (config.mixout_p, config.r3f_eps, config.r3f_lambda) == (0.9, 1e-5, 1.0)
     assert (config.recadam_anneal_k, config.recadam_anneal_t0) == (0.5, 250.0)
     assert config.recadam_pretrain_cof == 5000.0 and config.decay_form == "penalty"
-    assert set(regularizers.CONFIG_KEYS) <= set(checkpoints.RESUME_KEYS)
-    assert set(regularizers.CONFIG_KEYS) <= set(config)
+    assert set(regularization.CONFIG_KEYS) <= set(checkpoints.RESUME_KEYS)
+    assert set(regularization.CONFIG_KEYS) <= set(config)
 
 
 def test_settings_name_the_regularizer_and_its_own_keys():
     config = _base_config(regularizer="recadam")
-    assert regularizers.settings(config) == {
+    assert regularization.settings(config) == {
         "name": "recadam",
         "recadam_anneal_fun": "sigmoid",
         "recadam_anneal_k": 0.5,
@@ -88,9 +88,9 @@ def test_settings_name_the_regularizer_and_its_own_keys():
         "recadam_anneal_w": 1.0,
         "recadam_pretrain_cof": 5000.0,
     }
-    assert regularizers.settings(_base_config()) == {"name": "none"}
+    assert regularization.settings(_base_config()) == {"name": "none"}
     decay = _base_config(regularizer="decay_to_pretrained", decay_form="decoupled")
-    assert regularizers.settings(decay) == {
+    assert regularization.settings(decay) == {
         "name": "decay_to_pretrained",
         "decay_coefficient": 0.01,
         "decay_form": "decoupled",
@@ -149,10 +149,10 @@ def test_top_k_layers_beyond_the_model_are_rejected():
         config_checks.check_config(config)
     # The recipe says the same when it is built on params of fewer layers.
     _, params = tiny_models.tiny_model()
-    child = recipe.child_transform("vanilla")
+    child = optimizer_chain.child_transform("vanilla")
     with pytest.raises(ValueError, match=r"config.top_k_layers=3: k must be in 1..num_layers=2"):
-        recipe.make_optimizer(
-            child, params, recipe.OptimizerSettings(), regularizers.Regularizer("top_k")
+        optimizer_chain.make_optimizer(
+            child, params, optimizer_chain.OptimizerSettings(), regularization.Regularizer("top_k")
         )
 
 
@@ -177,7 +177,7 @@ def _hand_chain(regularizer, mode, params, mask, config, schedule):
         "F": ct.child_tuning_f(0.3, key),
         "D": ct.child_tuning_d(mask),
     }[mode]
-    wd_mask = recipe.decay_mask(params)
+    wd_mask = optimizer_chain.decay_mask(params)
     chain = [optax.clip_by_global_norm(config.max_grad_norm), child]
     if regularizer == "top_k":
         top_k = ct.top_k_layers_mask(params, 1)
@@ -217,7 +217,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
     config = _base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
     schedule = optax.linear_schedule(0.1, 0.02, 2)
     mask = _d_mask(params) if mode == "D" else None
-    tx = recipe.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
+    tx = optimizer_chain.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
     expected_tx = _hand_chain(case, mode, params, mask, config, schedule)
 
     got_state, want_state = tx.init(params), expected_tx.init(params)
@@ -238,7 +238,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
         p = optax.apply_updates(p, got)
     if case == "mixout":  # the anchor rides in the optimizer state
-        anchor = regularizers.find_anchor(got_state)
+        anchor = regularization.find_anchor(got_state)
         for a, b in zip(jax.tree.leaves(anchor), jax.tree.leaves(params), strict=True):
             assert np.array_equal(a, b)
     if case == "top_k":  # nothing below the top layer moved, weight decay notwithstanding
@@ -256,7 +256,7 @@ def test_the_chain_keeps_no_reference_to_the_anchor():
     _, params = tiny_models.tiny_model()
     other = jax.tree.map(lambda x: x + 1.0, params)
     config = _base_config(regularizer="recadam", mode="vanilla")
-    tx = recipe.optimizer_from_config(config, other, 1e-3, None)
+    tx = optimizer_chain.optimizer_from_config(config, other, 1e-3, None)
     state = tx.init(params)
     recadam_state = [s for s in state if isinstance(s, ct.RecAdamState)][0]
     for a, b in zip(
@@ -277,8 +277,8 @@ def test_train_objective_equals_the_library_pieces(name, regression):
     batch = _batch(regression=regression)
     anchor = jax.tree.map(lambda x: x * 0.5, params)
     rng = jax.random.key(5)
-    regularizer = regularizers.Regularizer(name, **VISIBLE)
-    objective = regularizers.train_objective(regularizer, model, regression, dropout=False)
+    regularizer = regularization.Regularizer(name, **VISIBLE)
+    objective = regularization.train_objective(regularizer, model, regression, dropout=False)
     got = objective(params, {**batch, ANCHOR: anchor}, rng)
     plain = make_objective(model, regression)
     if name == "none":
@@ -302,11 +302,11 @@ def test_train_objective_equals_the_library_pieces(name, regression):
 
 def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout():
     model, params = tiny_models.tiny_model(num_layers=1)
-    regularizer = regularizers.Regularizer("mixout", mixout_p=0.5)
+    regularizer = regularization.Regularizer("mixout", mixout_p=0.5)
     config = _base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
-    tx = recipe.optimizer_from_config(config, params, 1e-3, None)
-    objective = regularizers.train_objective(regularizer, model, False, dropout=False)
-    step = regularizers.make_train_step(regularizer, objective, tx, False, axis_name=None)
+    tx = optimizer_chain.optimizer_from_config(config, params, 1e-3, None)
+    objective = regularization.train_objective(regularizer, model, False, dropout=False)
+    step = regularization.make_train_step(regularizer, objective, tx, False, axis_name=None)
     state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     moved = optax.apply_updates(params, jax.tree.map(lambda x: 0.01 * jnp.cos(x), params))
     state = state._replace(params=moved)  # the anchor (params at init) now differs from params
@@ -375,7 +375,7 @@ def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, name, mo
 
     config = _run_config(tiny_model, tmp_path / "out", regularizer=name, mode=mode)
     results, params = loop.train_and_evaluate(config)
-    expected = regularizers.Regularizer(name, **VISIBLE).settings()
+    expected = regularization.Regularizer(name, **VISIBLE).settings()
     assert results["regularizer"] == expected and results["mode"] == mode
     with open(tmp_path / "out" / "results.json") as f:
         saved = json.load(f)
@@ -414,7 +414,7 @@ def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, name, mode):
         loop.train_and_evaluate(_run_config(tiny_model, out, stop_after_steps=2, **common)) is None
     )
     assert sorted(os.listdir(out / "checkpoints")) == ["1"]
-    key = regularizers.KEYS[name][0]
+    key = regularization.KEYS[name][0]
     changed = {**common, key: {"mixout": 0.25, "recadam": "linear"}[name]}
     with pytest.raises(ValueError, match=f"checkpoint has {key}="):
         loop.train_and_evaluate(_run_config(tiny_model, out, resume=True, **changed))

@@ -17,7 +17,14 @@ from tiny_models import tiny_model
 
 from childtuning_jax import leaf_names
 from childtuning_jax.transforms import child_tuning_d, template_child_mask, uniform_leaf_names
-from childtuning_trainer import checkpoints, config_checks, input_pipeline, recipe, steps, tasks
+from childtuning_trainer import (
+    checkpoints,
+    config_checks,
+    input_pipeline,
+    optimizer_chain,
+    steps,
+    tasks,
+)
 from childtuning_trainer.objective import example_losses, make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,11 +68,11 @@ def test_config_checks_name_the_bad_setting(overrides, message):
 
 def test_config_checks_return_the_task_and_authors_reserve_p():
     assert config_checks.check_config(_base_config(task="MRPC")).name == "mrpc"
-    assert recipe.resolve_reserve_p("F", "mrpc", None) == 0.4
-    assert recipe.resolve_reserve_p("D", "mrpc", None) == 0.1
-    assert recipe.resolve_reserve_p("D", "qnli", None) == recipe.DEFAULT_RESERVE_P
-    assert recipe.resolve_reserve_p("F", "rte", 0.7) == 0.7
-    assert recipe.resolve_reserve_p("vanilla", "rte", 0.7) is None
+    assert optimizer_chain.resolve_reserve_p("F", "mrpc", None) == 0.4
+    assert optimizer_chain.resolve_reserve_p("D", "mrpc", None) == 0.1
+    assert optimizer_chain.resolve_reserve_p("D", "qnli", None) == optimizer_chain.DEFAULT_RESERVE_P
+    assert optimizer_chain.resolve_reserve_p("F", "rte", 0.7) == 0.7
+    assert optimizer_chain.resolve_reserve_p("vanilla", "rte", 0.7) is None
 
 
 def test_task_registry_refuses_a_second_task_of_the_same_name():
@@ -76,7 +83,7 @@ def test_task_registry_refuses_a_second_task_of_the_same_name():
 
 
 def test_learning_rate_schedule_matches_the_official_one():
-    schedule = recipe.learning_rate_schedule(1.0, 0.1, 95)  # warm-up: ceil(9.5) = 10 steps
+    schedule = optimizer_chain.learning_rate_schedule(1.0, 0.1, 95)  # warm-up: ceil(9.5) = 10 steps
     # transformers.get_linear_schedule_with_warmup, applied to update `step` (0-based).
     official = lambda s: s / 10 if s < 10 else max(0.0, (95 - s) / 85)
     got = [float(schedule(s)) for s in range(96)]
@@ -85,7 +92,9 @@ def test_learning_rate_schedule_matches_the_official_one():
 
 def test_weight_decay_spares_biases_and_layer_norms():
     _, params = tiny_model()
-    names = dict(zip(leaf_names(params), jax.tree.leaves(recipe.decay_mask(params)), strict=True))
+    names = dict(
+        zip(leaf_names(params), jax.tree.leaves(optimizer_chain.decay_mask(params)), strict=True)
+    )
     assert names["bert/encoder/layer/0/attention/self/query/kernel"]
     assert names["bert/embeddings/word_embeddings/embedding"]
     assert names["classifier/kernel"]
@@ -94,7 +103,7 @@ def test_weight_decay_spares_biases_and_layer_norms():
     assert not names["bert/encoder/layer/1/output/LayerNorm/bias"]
 
 
-@pytest.mark.parametrize("mode", recipe.MODES)
+@pytest.mark.parametrize("mode", optimizer_chain.MODES)
 def test_recipe_chain_is_clip_then_child_then_adamw(mode):
     """With every gradient beyond the clip norm, one step of the recipe equals clip, then the
     Child-Tuning transform alone, then hf_adamw alone."""
@@ -104,15 +113,19 @@ def test_recipe_chain_is_clip_then_child_then_adamw(mode):
     )
     mask = {"layer": {"w": np.eye(4, 3, dtype=bool)}, "head": {"bias": np.ones(3, bool)}}
     key = jax.random.key(3)
-    settings = recipe.OptimizerSettings(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0)
-    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
-    tx = recipe.make_optimizer(child, params, settings)
+    settings = optimizer_chain.OptimizerSettings(
+        learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0
+    )
+    child = optimizer_chain.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    tx = optimizer_chain.make_optimizer(child, params, settings)
     got, _ = tx.update(grads, tx.init(params), params)
 
     clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
-    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    child = optimizer_chain.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
     masked, _ = child.update(clipped, child.init(params), params)
-    adamw = recipe.OPTIMIZERS["hf_adamw"](0.1, weight_decay=0.5, mask=recipe.decay_mask(params))
+    adamw = optimizer_chain.OPTIMIZERS["hf_adamw"](
+        0.1, weight_decay=0.5, mask=optimizer_chain.decay_mask(params)
+    )
     expected, _ = adamw.update(masked, adamw.init(params), params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -122,9 +135,9 @@ def test_recipe_chain_is_clip_then_child_then_adamw(mode):
 
 def test_child_transform_needs_its_inputs():
     with pytest.raises(ValueError, match="mode 'D' needs a mask"):
-        recipe.child_transform("D")
+        optimizer_chain.child_transform("D")
     with pytest.raises(ValueError, match="mode 'F' needs reserve_p and a key"):
-        recipe.child_transform("F", reserve_p=0.3)
+        optimizer_chain.child_transform("F", reserve_p=0.3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +375,9 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
         for n, m in zip(names, jax.tree.leaves(mask), strict=True)
     ]
     mask = jax.tree.unflatten(jax.tree.structure(mask), leaves)
-    tx = recipe.make_optimizer(child_tuning_d(mask), params, recipe.OptimizerSettings())
+    tx = optimizer_chain.make_optimizer(
+        child_tuning_d(mask), params, optimizer_chain.OptimizerSettings()
+    )
     state = steps.TrainState(jnp.array(3, jnp.int32), params, tx.init(params))
     config = _base_config(output_dir=str(tmp_path), keep_checkpoints=2)
     manager = checkpoints.checkpoint_manager(config)
@@ -374,10 +389,10 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
     assert (
         checkpoints.restore_meta(manager)["d_mask_uniform_leaves"] == meta["d_mask_uniform_leaves"]
     )
-    template_tx = recipe.make_optimizer(
+    template_tx = optimizer_chain.make_optimizer(
         child_tuning_d(template_child_mask(params, meta["d_mask_uniform_leaves"])),
         params,
-        recipe.OptimizerSettings(),
+        optimizer_chain.OptimizerSettings(),
     )
     template = steps.TrainState(jnp.zeros((), jnp.int32), params, template_tx.init(params))
     restored, restored_meta = checkpoints.restore_checkpoint(manager, template)

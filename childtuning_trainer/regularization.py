@@ -3,10 +3,10 @@
 ``config.regularizer`` picks one of :data:`NAMES`; it combines with every ``mode`` (vanilla, F, D).
 Each regulariser enters the run through one seam:
 
-* the optimizer chain (:func:`childtuning_trainer.recipe.make_optimizer`): ``decay_to_pretrained``
-  (L2-SP, as a loss penalty before AdamW or decoupled after the Adam scaling), ``top_k`` (a fixed
-  ChildTuning-D mask of the top K encoder layers after the Child-Tuning transform) and ``recadam``
-  (replaces AdamW);
+* the optimizer chain (:func:`childtuning_trainer.optimizer_chain.make_optimizer`):
+  ``decay_to_pretrained`` (L2-SP, as a loss penalty before AdamW or decoupled after the Adam
+  scaling), ``top_k`` (a fixed ChildTuning-D mask of the top K encoder layers after the
+  Child-Tuning transform) and ``recadam`` (replaces AdamW);
 * the training objective (:func:`train_objective`, wrappers in
   :mod:`childtuning_trainer.objective`): ``mixout`` (the training forward pass runs on mixed
   params; evaluation and the Fisher pass use the params unchanged) and ``r3f`` (a second, noisy

@@ -1,4 +1,4 @@
-"""The recipe: the optimizer chain and the child-network mask rule, chosen by name.
+"""The optimizer chain: Child-Tuning's mode and reserve_p, the clipped AdamW chain, by name.
 
 The optimizer follows the official run script::
 
@@ -9,11 +9,11 @@ The optimizer follows the official run script::
   )
 
 ``hf_adamw`` is the AdamW of the official code (Hugging Face's former ``AdamW``); ``optimizer =
-"adamw"`` uses ``optax.adamw`` instead. ChildTuning-D's mask comes from a rule in
-:data:`MASK_RULES`; the official one, ``fisher``, keeps the top ``reserve_p`` of the encoder-layer
-parameters by Fisher information. The trainer and the benchmarks both build their optimizer here.
+"adamw"`` uses ``optax.adamw`` instead. ChildTuning-D's mask comes from a rule of
+:mod:`childtuning_trainer.mask_rules`. The trainer and the benchmarks both build their optimizer
+here.
 
-A regulariser (:mod:`childtuning_trainer.regularizers`) adds its pieces to the chain::
+A regulariser (:mod:`childtuning_trainer.regularization`) adds its pieces to the chain::
 
   clip -> child -> [top_k: keep_whole_leaves(top_k_layers_mask)]
        -> [decay_to_pretrained "penalty"] -> AdamW | recadam -> [decay_to_pretrained "decoupled"]
@@ -41,33 +41,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import os
-import zlib
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from childtuning_jax import (
     check_reserve_p,
     child_tuning_d,
     child_tuning_f,
     decay_to_pretrained,
-    fisher_mask,
     hf_adamw,
-    leaf_names,
     map_with_name,
     recadam,
     top_k_layers_mask,
 )
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import fisher_cache, input_pipeline, regularizers, steps
-from childtuning_trainer.objective import Objective, weighted_sum
-from childtuning_trainer.regularizers import Regularizer, hold_anchor
+from childtuning_trainer import regularization
+from childtuning_trainer.regularization import Regularizer, hold_anchor
 
 MODES = ("vanilla", "F", "D")
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -303,200 +297,5 @@ def optimizer_from_config(
     ChildTuning-D's child network; ``params``: the initial params, the regularisers' anchor)."""
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     child = child_transform(config.mode, reserve_p=reserve_p, key=key, mask=mask)
-    regularizer = regularizers.from_config(config)
+    regularizer = regularization.from_config(config)
     return make_optimizer(child, params, settings_from_config(config, schedule), regularizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# ChildTuning-D mask rules
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class MaskInputs:
-    """What a mask rule may use: the params, reserve_p, the run's seed, and the Fisher
-    information (computed only when a rule calls ``fisher()``)."""
-
-    params: Any
-    reserve_p: float
-    seed: int
-    fisher: Callable[[], Any]
-
-
-MaskRule = Callable[[MaskInputs], Any]
-
-
-def random_scores(params: Any, seed: int) -> Any:
-    """Uniform [0, 1) scores, one per element of every leaf, from ``seed`` (and the leaf name)."""
-    key = jax.random.fold_in(jax.random.key(seed), 5)
-
-    def score(name: str, leaf: Any) -> jax.Array:
-        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
-        return jax.random.uniform(leaf_key, np.shape(leaf), jnp.float32)
-
-    return map_with_name(score, params)
-
-
-def lowest_fisher_mask(fisher: Any, reserve_p: float) -> Any:
-    """The bottom ``reserve_p`` of the encoder-layer parameters by Fisher information (ties at the
-    threshold kept): :func:`fisher_mask` of the negated information."""
-    return fisher_mask(jax.tree.map(jnp.negative, fisher), reserve_p)
-
-
-MASK_RULES: dict[str, MaskRule] = {
-    # The official rule: the top reserve_p of encoder-layer parameters by Fisher information.
-    "fisher": lambda inputs: fisher_mask(inputs.fisher(), inputs.reserve_p),
-    # Ablations of the paper (Sec. 5): the lowest-Fisher parameters instead of the highest, and a
-    # uniformly random child network with the same kept fraction (same threshold rule on random
-    # scores, so the kept count is the Fisher rule's). Neither needs the Fisher pass but the first.
-    "lowest_fisher": lambda inputs: lowest_fisher_mask(inputs.fisher(), inputs.reserve_p),
-    "random": lambda inputs: fisher_mask(
-        random_scores(inputs.params, inputs.seed), inputs.reserve_p
-    ),
-}
-
-
-def prune(params: Any, mask: Any) -> Any:
-    """``params`` with every parameter outside the child network set to 0 (the paper's pruning
-    ablation: the model is the child network alone). ``mask`` is matched by leaf name."""
-    masks = dict(zip(leaf_names(mask), jax.tree.leaves(mask), strict=True))
-    return map_with_name(
-        lambda name, leaf: jnp.where(masks[name], leaf, 0).astype(leaf.dtype), params
-    )
-
-
-def get_mask_rule(name: str) -> MaskRule:
-    if name not in MASK_RULES:
-        raise ValueError(f"Unknown mask_rule {name!r}; expected one of {', '.join(MASK_RULES)}.")
-    return MASK_RULES[name]
-
-
-class FisherPass(NamedTuple):
-    """A Fisher pass's result and its source: ``"cache"`` (loaded) or ``"computed"``."""
-
-    fisher: Any
-    source: str
-
-
-class ChildMask(NamedTuple):
-    """A D mask and its Fisher pass's source (``None`` when the rule reads no Fisher pass)."""
-
-    mask: Any
-    fisher_source: str | None
-
-
-def fisher_pass(
-    config: Any,
-    objective: Objective,
-    params: Any,
-    data: input_pipeline.TaskData,
-    devices: Sequence[jax.Device],
-    *,
-    architecture: str | None = None,
-) -> FisherPass:
-    """Fisher information over the training set, as the official code computes it.
-
-    One pass over the (shuffled) training batches with dropout on, with the plain task loss
-    (regularisers do not enter it); each parameter's gradient of the batch-mean loss clipped to
-    ``max_grad_norm`` on its own, squared and averaged over batches (a short last batch counts as
-    one, with its own mean). Batches are padded as the training batches are; see
-    ``input_pipeline.fisher_batches``. ``devices``: the run's (a ``parallel.Layout``, every
-    process's devices); the result is the same host arrays in every process.
-
-    With ``config.fisher_cache_dir`` and ``architecture`` (the model's config as JSON), a single
-    process loads the pass from :mod:`childtuning_trainer.fisher_cache` when the same inputs were
-    computed before, and stores it otherwise. The cache key reads every batch, so on a miss the
-    batches are built twice rather than held in memory for the whole training set.
-    """
-    dropout_rng = None
-    if config.dropout is None or config.dropout > 0:
-        dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-    batch_size = config.per_device_batch_size * len(devices)
-    indices = input_pipeline.subset_indices(
-        data.num_train_examples, config.fisher_max_train_samples, config.seed
-    )
-    stream = input_pipeline.FISHER_STREAM
-    order = indices[input_pipeline.epoch_order(config.seed, 0, len(indices), stream)]
-    make_batches = lambda: input_pipeline.fisher_batches(
-        data.train, order, batch_size, len(devices), data.padding
-    )
-    cache_dir = config.get("fisher_cache_dir", "")
-    key = None
-    if cache_dir and architecture is not None and jax.process_count() == 1:
-        settings = {
-            "task": config.task,
-            "model": config.model,
-            "architecture": architecture,
-            "dtype": config.dtype,
-            "max_grad_norm": config.max_grad_norm,
-            "parallelism": config.parallelism,
-            "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
-            # XLA's CPU results depend (at float rounding) on the cores and flags it runs with.
-            "cpu_cores": len(os.sched_getaffinity(0)),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        }
-        key = fisher_cache.fisher_key(settings, params, make_batches(), dropout_rng)
-        fisher = fisher_cache.load(cache_dir, key, params)
-        if fisher is not None:
-            print(f"Fisher information: loaded from {fisher_cache.cache_path(cache_dir, key)}")
-            return FisherPass(fisher, "cache")
-    total = input_pipeline.num_batches(len(order), batch_size)
-    fisher = steps.fisher_information(
-        weighted_sum(objective),
-        params,
-        tqdm(make_batches(), total=total, desc="Fisher information", leave=False),
-        devices,
-        max_grad_norm=config.max_grad_norm,
-        rng=dropout_rng,
-    )
-    if key is not None:
-        print(f"Fisher information: stored in {fisher_cache.save(cache_dir, key, fisher)}")
-    return FisherPass(fisher, "computed")
-
-
-def child_mask(
-    config: Any,
-    objective: Objective,
-    params: Any,
-    data: input_pipeline.TaskData,
-    reserve_p: float,
-    devices: Sequence[jax.Device],
-    *,
-    architecture: str | None = None,
-) -> ChildMask:
-    """ChildTuning-D's mask under ``config.mask_rule`` (``architecture``: as :func:`fisher_pass`'s),
-    with where its Fisher pass came from."""
-    rule = get_mask_rule(config.mask_rule)
-    passes: list[FisherPass] = []
-
-    def fisher() -> Any:
-        if not passes:
-            passes.append(
-                fisher_pass(config, objective, params, data, devices, architecture=architecture)
-            )
-        return passes[0].fisher
-
-    mask = rule(MaskInputs(params, reserve_p, config.seed, fisher))
-    return ChildMask(mask, passes[0].source if passes else None)
-
-
-def mask_summary(mask: Any, reserve_p: float) -> dict[str, Any]:
-    """Kept fraction of the child network overall, per encoder layer, and per parameter."""
-    kept: dict[str, list[int]] = {}
-    leaves = {}
-    for name, leaf in zip(leaf_names(mask), jax.tree.leaves(mask), strict=True):
-        leaf = np.asarray(leaf)
-        leaves[name] = float(leaf.mean())
-        parts = name.split("/")
-        if "layer" in parts:
-            layer = "/".join(parts[: parts.index("layer") + 2])
-            counts = kept.setdefault(layer, [0, 0])
-            counts[0] += int(leaf.sum())
-            counts[1] += leaf.size
-    total = [sum(c[0] for c in kept.values()), sum(c[1] for c in kept.values())]
-    return {
-        "reserve_p": reserve_p,
-        "kept_fraction_encoder_layers": total[0] / max(total[1], 1),
-        "kept_fraction_per_layer": {k: c[0] / c[1] for k, c in kept.items()},
-        "kept_fraction_per_parameter": leaves,
-    }
