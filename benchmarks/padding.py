@@ -30,6 +30,7 @@ from typing import Any
 import transformers
 
 from childtuning_trainer import loop, parallel, steps
+from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
@@ -89,7 +90,7 @@ class Contender:
     """One padding mode's run, driven a step at a time."""
 
     def __init__(self, config: Any):
-        self.run = loop.prepare(config)
+        self.run = loop.prepare(Settings.from_config(config))
         host_state, tx, _ = loop.initial_state(self.run)
         self.state = parallel.replicate(host_state, self.run.devices)
         self.step_fn = self.run.train_step(tx)

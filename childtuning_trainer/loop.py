@@ -1,9 +1,10 @@
 """The run: check the input, load data and model, (Fisher pass,) train, evaluate, checkpoint.
 
-``train_and_evaluate(config)`` is what ``train.py`` calls. Every other module supplies one piece:
-``config_checks``, ``tasks`` and ``input_pipeline`` (the data), ``objective`` (the loss),
-``optimizer_chain`` and ``mask_rules`` (D's child network), ``steps`` and ``parallel`` (the
-mapped steps), ``checkpoints`` and ``outputs`` (what is saved).
+``train_and_evaluate(config)`` is what ``train.py`` calls; it reads the config once, into
+:class:`~childtuning_trainer.settings.Settings`. Every other module supplies one piece:
+``tasks`` and ``input_pipeline`` (the data), ``objective`` (the loss), ``optimizer_chain`` and
+``mask_rules`` (D's child network), ``steps`` and ``parallel`` (the mapped steps),
+``checkpoints`` and ``outputs`` (what is saved).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from childtuning_jax import template_child_mask, uniform_leaf_names
 from childtuning_jax.models import from_pretrained
 from childtuning_trainer import (
     checkpoints,
-    config_checks,
     distributed,
     extra_eval,
     input_pipeline,
@@ -40,38 +40,31 @@ from childtuning_trainer import (
     parallel,
     regularization,
     saved_model,
+    settings,
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
+from childtuning_trainer.settings import ModelSettings, Settings
 from childtuning_trainer.steps import TrainState
 from childtuning_trainer.tasks import Task
 from childtuning_trainer.tasks import metrics as task_metrics
 
-# config.dtype -> the models' compute dtype (parameters, optimizer state, Fisher and masks stay
-# float32 whatever it is).
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-
-def load_model(config: ml_collections.ConfigDict, task: Task) -> tuple[Model, Any]:
+def load_model(model: ModelSettings, task: Task, seed: int) -> tuple[Model, Any]:
     """Loads the checkpoint with a fresh head for ``task``; returns the split model and params.
 
-    ``config.dropout`` (unless ``None``) sets every dropout rate of the architecture, head
+    ``model.dropout`` (unless ``None``) sets every dropout rate of the architecture, head
     included (``childtuning_jax.models.dropout_overrides``).
     """
     module = from_pretrained(
-        config.model,
+        model.name,
         num_labels=task.num_labels,
-        seed=config.seed,
-        dropout=config.dropout,
-        dtype=COMPUTE_DTYPES[config.dtype],
+        seed=seed,
+        dropout=model.dropout,
+        dtype=model.compute_dtype,
     )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return Model(graphdef, rest, task.num_labels, module.config.to_json_string()), params
-
-
-def has_dropout(config: ml_collections.ConfigDict) -> bool:
-    """False when ``config.dropout`` switches dropout off (then no dropout key is drawn)."""
-    return config.dropout is None or config.dropout > 0
 
 
 def best_epoch(history: list[dict], task: Task) -> dict:
@@ -82,11 +75,9 @@ def best_epoch(history: list[dict], task: Task) -> dict:
 
 @dataclasses.dataclass
 class Run:
-    """A checked configuration with its data, model, devices and step counts."""
+    """The run's settings with its data, model, devices and step counts."""
 
-    config: ml_collections.ConfigDict
-    task: Task
-    reserve_p: float | None
+    settings: Settings
     devices: list[jax.Device]
     data: input_pipeline.TaskData
     model: Model
@@ -98,8 +89,16 @@ class Run:
     extra_sets: list[extra_eval.ExtraSet] = dataclasses.field(default_factory=list)
 
     @property
+    def task(self) -> Task:
+        return self.settings.task
+
+    @property
+    def reserve_p(self) -> float | None:
+        return self.settings.child_tuning.reserve_p
+
+    @property
     def global_batch(self) -> int:
-        return self.config.per_device_batch_size * len(self.devices)
+        return self.settings.data.per_device_batch_size * len(self.devices)
 
     @property
     def objective(self):
@@ -107,20 +106,22 @@ class Run:
         return make_objective(self.model, self.task.is_regression)
 
     @property
-    def regularizer(self) -> regularization.Regularizer:
-        return regularization.from_config(self.config)
-
-    @property
     def train_objective(self):
         """The train step's loss: the task loss, or the regulariser's wrapper of it."""
         return regularization.train_objective(
-            self.regularizer, self.model, self.task.is_regression, has_dropout(self.config)
+            self.settings.regularizer,
+            self.model,
+            self.task.is_regression,
+            self.settings.model.has_dropout,
         )
 
     def train_step(self, tx: optax.GradientTransformation) -> Callable:
         """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``."""
         step = regularization.make_train_step(
-            self.regularizer, self.train_objective, tx, has_dropout(self.config)
+            self.settings.regularizer,
+            self.train_objective,
+            tx,
+            self.settings.model.has_dropout,
         )
         return parallel.map_train_step(step, self.devices)
 
@@ -130,54 +131,62 @@ class Run:
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Epoch ``epoch``'s (0-based) training batches, from batch ``start_batch`` on."""
         data = self.data
-        order = input_pipeline.epoch_order(self.config.seed, epoch, data.num_train_examples)
+        order = input_pipeline.epoch_order(self.settings.seed, epoch, data.num_train_examples)
         return input_pipeline.train_batches(
             data.train, order, self.global_batch, start_batch, data.padding
         )
 
     @functools.cached_property
     def _train_key(self) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.config.seed), 3)
+        return jax.random.fold_in(jax.random.key(self.settings.seed), 3)
 
     def step_rng(self, step: int) -> jax.Array:
         """The key of step ``step`` (0-based; dropout, mixout, R3F noise)."""
         return jax.random.fold_in(self._train_key, step)
 
 
-def prepare(config: ml_collections.ConfigDict) -> Run:
-    """Checks everything that can be wrong with the input, then tokenises and loads the model."""
-    distributed.initialize(config)  # joins the other processes, before any JAX work
-    task = config_checks.check_config(config)
-    reserve_p = optimizer_chain.resolve_reserve_p(config.mode, task.name, config.reserve_p)
-    devices = parallel.select_devices(config.num_devices, config.parallelism)
-    train_examples, dev_examples = input_pipeline.load_examples(config, task)
-    extra_sets = extra_eval.load_sets(config.get("extra_eval", ""), task)
-    config_checks.check_model(config.model, task, config.max_seq_length)
-    os.makedirs(config.output_dir, exist_ok=True)
-    manager = checkpoints.checkpoint_manager(config)
-    if manager.latest_step() is not None and not config.resume:
+def prepare(run_settings: Settings) -> Run:
+    """Checks what the settings alone cannot (devices, data, model), then tokenises and loads the
+    model."""
+    distributed.initialize(run_settings.parallelism)  # joins the other processes, before JAX work
+    task, data_settings, outs = run_settings.task, run_settings.data, run_settings.outputs
+    parallelism, model_settings = run_settings.parallelism, run_settings.model
+    devices = parallel.select_devices(parallelism.num_devices, parallelism.kind)
+    train_examples, dev_examples = input_pipeline.load_examples(
+        data_settings, run_settings.seed, task
+    )
+    extra_sets = extra_eval.load_sets(data_settings.extra_eval, task)
+    settings.check_model(model_settings.name, task, data_settings.max_seq_length)
+    os.makedirs(outs.output_dir, exist_ok=True)
+    manager = checkpoints.checkpoint_manager(outs)
+    if manager.latest_step() is not None and not outs.resume:
         raise ValueError(
-            f"{config.output_dir!r} already holds checkpoints; set --config.resume=true to "
+            f"{outs.output_dir!r} already holds checkpoints; set --config.resume=true to "
             "continue that run, or choose another output_dir."
         )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
-    data = input_pipeline.tokenize_all(
-        train_examples, dev_examples, task, tokenizer, config.max_seq_length
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_settings.name)
+    max_length = data_settings.max_seq_length
+    data = input_pipeline.tokenize_all(train_examples, dev_examples, task, tokenizer, max_length)
+    extra_sets = extra_eval.tokenize_sets(extra_sets, tokenizer, max_length)
+    global_batch = data_settings.per_device_batch_size * len(devices)
+    padding = input_pipeline.make_padding(
+        data_settings,
+        tokenizer,
+        data,
+        global_batch,
+        seed=run_settings.seed,
+        epochs=run_settings.num_train_epochs,
     )
-    extra_sets = extra_eval.tokenize_sets(extra_sets, tokenizer, config.max_seq_length)
-    global_batch = config.per_device_batch_size * len(devices)
-    padding = input_pipeline.make_padding(config, tokenizer, data, global_batch)
     data = data._replace(padding=padding)
     steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
-    total_steps = steps_per_epoch * config.num_train_epochs
-    model, params = load_model(config, task)
+    total_steps = steps_per_epoch * run_settings.num_train_epochs
+    model, params = load_model(model_settings, task, run_settings.seed)
+    optimizer = run_settings.optimizer
     schedule = optimizer_chain.learning_rate_schedule(
-        config.learning_rate, config.warmup_ratio, total_steps
+        optimizer.learning_rate, optimizer.warmup_ratio, total_steps
     )
     return Run(
-        config,
-        task,
-        reserve_p,
+        run_settings,
         devices,
         data,
         model,
@@ -196,32 +205,30 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
     With ``resume`` and a checkpoint: the checkpoint's state (ChildTuning-D's mask included) and
     bookkeeping. Otherwise step 0, after the mask rule (the Fisher pass) for ChildTuning-D.
     """
-    config, params = run.config, run.params
-    saved_meta = checkpoints.restore_meta(run.manager) if config.resume else None
+    run_settings, params = run.settings, run.params
+    output_dir = run_settings.outputs.output_dir
+    saved_meta = checkpoints.restore_meta(run.manager) if run_settings.outputs.resume else None
     if saved_meta is not None:
         uniform = saved_meta.get("d_mask_uniform_leaves", [])
         template_mask = template_child_mask(params, uniform)
-        tx = optimizer_chain.optimizer_from_config(
-            config, params, run.schedule, run.reserve_p, mask=template_mask
-        )
+        tx = optimizer_chain.run_optimizer(run_settings, params, run.schedule, mask=template_mask)
         template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
         restored = checkpoints.restore_checkpoint(run.manager, template)
         if restored is not None:
             state, meta = restored
-            checkpoints.check_resumable(config, meta, run.global_batch)
-            print(f"Resuming from step {meta['step']} in {config.output_dir}")
+            checkpoints.check_resumable(run_settings, meta, run.global_batch)
+            print(f"Resuming from step {meta['step']} in {output_dir}")
             return state, tx, meta
     meta = {"step": 0, "history": [], "fisher_time_s": None, "train_time_s": 0.0}
     meta["eval_time_s"] = 0.0
     mask = None
-    if config.mode == "D":
+    if run_settings.child_tuning.mode == "D":
         start = time.perf_counter()
         mask, meta["fisher_source"] = mask_rules.child_mask(
-            config,
+            run_settings,
             run.objective,
             params,
             run.data,
-            run.reserve_p,
             run.devices,
             architecture=run.model.architecture,
         )
@@ -231,16 +238,16 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, d
         meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]
         summary["fisher_time_s"] = meta["fisher_time_s"]
         summary["fisher_source"] = meta["fisher_source"]
-        outputs.write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)
+        outputs.write_json(os.path.join(output_dir, "mask_summary.json"), summary)
         print(
             f"Fisher information: {meta['fisher_time_s']:.1f}s; child network keeps "
             f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
         )
-        if config.prune:  # the pruning ablation: the model is the child network alone
+        if (
+            run_settings.child_tuning.prune
+        ):  # the pruning ablation: the model is the child network alone
             params = mask_rules.prune(params, mask)
-    tx = optimizer_chain.optimizer_from_config(
-        config, params, run.schedule, run.reserve_p, mask=mask
-    )
+    tx = optimizer_chain.run_optimizer(run_settings, params, run.schedule, mask=mask)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, meta
 
 
@@ -252,24 +259,25 @@ def train_loop(
     ``state`` is replicated over the devices; ``meta`` is updated in place. Returns the final
     state, or ``None`` if ``config.stop_after_steps`` stopped the run.
     """
-    config, data, devices = run.config, run.data, run.devices
+    outs, mode = run.settings.outputs, run.settings.child_tuning.mode
+    data, devices = run.data, run.devices
     p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
-    log = outputs.MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), meta["step"])
+    log = outputs.MetricsLog(os.path.join(outs.output_dir, "metrics.jsonl"), meta["step"])
     board = outputs.TensorBoard(
-        os.path.join(config.output_dir, "tensorboard"), config.tensorboard, meta["step"]
+        os.path.join(outs.output_dir, "tensorboard"), outs.tensorboard, meta["step"]
     )
-    kept_fraction = {"vanilla": 1.0, "F": run.reserve_p}.get(config.mode, meta.get("kept_fraction"))
+    kept_fraction = {"vanilla": 1.0, "F": run.reserve_p}.get(mode, meta.get("kept_fraction"))
     last_log = (meta["step"], time.perf_counter())
     step = meta["step"]
     interval_losses: list[float] = meta.pop("interval_losses", [])  # since the last log line
-    desc = f"{run.task.name} {config.mode}"
+    desc = f"{run.task.name} {mode}"
     bar = tqdm(total=run.total_steps, initial=step, desc=desc, unit="step")
 
     def checkpoint(step: int) -> None:
         """Saves the state with where the data stream stands (epoch e's order is
         ``epoch_order(seed, e)``) and the losses since the last log line."""
         epoch, batch = divmod(step, run.steps_per_epoch)
-        order = {"seed": config.seed, "epoch": epoch, "batch": batch}
+        order = {"seed": run.settings.seed, "epoch": epoch, "batch": batch}
         extra = {"step": step, "data_order": order, "interval_losses": interval_losses}
         checkpoints.save_checkpoint(run.manager, state, {**meta, **extra})
 
@@ -285,7 +293,7 @@ def train_loop(
             interval_losses.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+            if step % outs.log_every_steps == 0 or step % run.steps_per_epoch == 0:
                 record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(interval_losses))}
                 record.update(learning_rate=lr, grad_norm=float(metrics["grad_norm"][0]))
                 log.write(record)
@@ -297,11 +305,11 @@ def train_loop(
                 board.write(step, scalars)
                 last_log = (step, now)
                 interval_losses = []
-            if step == config.stop_after_steps:
+            if step == outs.stop_after_steps:
                 bar.close()
                 board.close()
                 return None
-            if step % config.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
+            if step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
                 elapsed = time.perf_counter() - start
                 meta["train_time_s"] += elapsed
                 epoch_time += elapsed
@@ -310,7 +318,7 @@ def train_loop(
         elapsed = time.perf_counter() - start
         meta["train_time_s"] += elapsed
         meta.setdefault("epoch_train_time_s", []).append(epoch_time + elapsed)
-        if config.eval_every_epoch or step == run.total_steps:
+        if outs.eval_every_epoch or step == run.total_steps:
             start = time.perf_counter()
             metrics = steps.evaluate(p_eval_step, state.params, data, devices, run.global_batch)
             meta["eval_time_s"] += time.perf_counter() - start
@@ -328,7 +336,8 @@ def train_loop(
 
 def results_of(run: Run, meta: dict) -> dict:
     """The run's ``results.json``."""
-    config, task, history = run.config, run.task, meta["history"]
+    run_settings, task, history = run.settings, run.task, meta["history"]
+    config = run_settings.config
     best = best_epoch(history, task)
     dev_sizes = zip(task.dev_sets, run.data.dev, strict=True)
     predictor, baseline = task_metrics.trivial_baseline(
@@ -336,19 +345,19 @@ def results_of(run: Run, meta: dict) -> dict:
     )
     return {
         "task": task.name,
-        "mode": config.mode,
+        "mode": run_settings.child_tuning.mode,
         "reserve_p": run.reserve_p,
-        "regularizer": run.regularizer.settings(),
-        "seed": config.seed,
-        "model": config.model,
+        "regularizer": run_settings.regularizer.settings(),
+        "seed": run_settings.seed,
+        "model": run_settings.model.name,
         "num_train_examples": run.data.num_train_examples,
         "num_dev_examples": {d.name: len(f["labels"]) for d, f in dev_sizes},
         "steps": run.total_steps,
-        "epochs": config.num_train_epochs,
+        "epochs": run_settings.num_train_epochs,
         "global_batch_size": run.global_batch,
         "num_devices": len(run.devices),
-        "max_seq_length": config.max_seq_length,
-        "learning_rate": config.learning_rate,
+        "max_seq_length": run_settings.data.max_seq_length,
+        "learning_rate": run_settings.optimizer.learning_rate,
         "eval": history[-1]["eval"],
         "best": {"epoch": best["epoch"], "metric": task.metrics[0], "eval": best["eval"]},
         "history": history,
@@ -359,7 +368,7 @@ def results_of(run: Run, meta: dict) -> dict:
         "train_time_s": meta["train_time_s"],
         "epoch_train_time_s": meta.get("epoch_train_time_s", []),
         "eval_time_s": meta["eval_time_s"],
-        "config": config.to_dict(),
+        "config": config,
     }
 
 
@@ -373,10 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
       parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
     """
-    run = prepare(config)
+    run = prepare(Settings.from_config(config))
     host_state, tx, meta = initial_state(run)
     meta.update(
-        config=config.to_dict(),
+        config=run.settings.config,
         global_batch_size=run.global_batch,
         num_devices=len(run.devices),
         num_train_examples=run.data.num_train_examples,
@@ -400,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     )
     results = results_of(run, meta)
     host_params = parallel.to_host(state.params)
-    if config.save_model and distributed.is_writer():
-        saved_model.save_params(config.output_dir, host_params)
-    outputs.write_json(os.path.join(config.output_dir, "results.json"), results)
+    output_dir = run.settings.outputs.output_dir
+    if run.settings.outputs.save_model and distributed.is_writer():
+        saved_model.save_params(output_dir, host_params)
+    outputs.write_json(os.path.join(output_dir, "results.json"), results)
     return results, host_params

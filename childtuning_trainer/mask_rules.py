@@ -13,7 +13,7 @@ import dataclasses
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 from childtuning_jax import fisher_mask, leaf_names, map_with_name
 from childtuning_trainer import fisher_cache, input_pipeline, steps
 from childtuning_trainer.objective import Objective, weighted_sum
+
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import Settings
 
 
 @dataclasses.dataclass
@@ -99,7 +102,7 @@ class ChildMask(NamedTuple):
 
 
 def fisher_pass(
-    config: Any,
+    settings: Settings,
     objective: Objective,
     params: Any,
     data: input_pipeline.TaskData,
@@ -116,39 +119,41 @@ def fisher_pass(
     ``input_pipeline.fisher_batches``. ``devices``: the run's (a ``parallel.Layout``, every
     process's devices); the result is the same host arrays in every process.
 
-    With ``config.fisher_cache_dir`` and ``architecture`` (the model's config as JSON), a single
-    process loads the pass from :mod:`childtuning_trainer.fisher_cache` when the same inputs were
-    computed before, and stores it otherwise. The cache key reads every batch, so on a miss the
-    batches are built twice rather than held in memory for the whole training set.
+    With ``settings.child_tuning.fisher_cache_dir`` and ``architecture`` (the model's config as
+    JSON), a single process loads the pass from :mod:`childtuning_trainer.fisher_cache` when the
+    same inputs were computed before, and stores it otherwise. The cache key reads every batch, so
+    on a miss the batches are built twice rather than held in memory for the whole training set.
     """
+    seed = settings.seed
     dropout_rng = None
-    if config.dropout is None or config.dropout > 0:
-        dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-    batch_size = config.per_device_batch_size * len(devices)
+    if settings.model.has_dropout:
+        dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
+    batch_size = settings.data.per_device_batch_size * len(devices)
     indices = input_pipeline.subset_indices(
-        data.num_train_examples, config.fisher_max_train_samples, config.seed
+        data.num_train_examples, settings.child_tuning.fisher_max_train_samples, seed
     )
     stream = input_pipeline.FISHER_STREAM
-    order = indices[input_pipeline.epoch_order(config.seed, 0, len(indices), stream)]
+    order = indices[input_pipeline.epoch_order(seed, 0, len(indices), stream)]
     make_batches = lambda: input_pipeline.fisher_batches(
         data.train, order, batch_size, len(devices), data.padding
     )
-    cache_dir = config.get("fisher_cache_dir", "")
+    cache_dir = settings.child_tuning.fisher_cache_dir
+    max_grad_norm = settings.optimizer.max_grad_norm
     key = None
     if cache_dir and architecture is not None and jax.process_count() == 1:
-        settings = {
-            "task": config.task,
-            "model": config.model,
+        inputs = {
+            "task": settings.task.name,
+            "model": settings.model.name,
             "architecture": architecture,
-            "dtype": config.dtype,
-            "max_grad_norm": config.max_grad_norm,
-            "parallelism": config.parallelism,
+            "dtype": settings.model.dtype,
+            "max_grad_norm": max_grad_norm,
+            "parallelism": settings.parallelism.kind,
             "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
             # XLA's CPU results depend (at float rounding) on the cores and flags it runs with.
             "cpu_cores": len(os.sched_getaffinity(0)),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         }
-        key = fisher_cache.fisher_key(settings, params, make_batches(), dropout_rng)
+        key = fisher_cache.fisher_key(inputs, params, make_batches(), dropout_rng)
         fisher = fisher_cache.load(cache_dir, key, params)
         if fisher is not None:
             print(f"Fisher information: loaded from {fisher_cache.cache_path(cache_dir, key)}")
@@ -159,7 +164,7 @@ def fisher_pass(
         params,
         tqdm(make_batches(), total=total, desc="Fisher information", leave=False),
         devices,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=max_grad_norm,
         rng=dropout_rng,
     )
     if key is not None:
@@ -168,28 +173,27 @@ def fisher_pass(
 
 
 def child_mask(
-    config: Any,
+    settings: Settings,
     objective: Objective,
     params: Any,
     data: input_pipeline.TaskData,
-    reserve_p: float,
     devices: Sequence[jax.Device],
     *,
     architecture: str | None = None,
 ) -> ChildMask:
-    """ChildTuning-D's mask under ``config.mask_rule`` (``architecture``: as :func:`fisher_pass`'s),
+    """ChildTuning-D's mask under the run's mask rule (``architecture``: as :func:`fisher_pass`'s),
     with where its Fisher pass came from."""
-    rule = get_mask_rule(config.mask_rule)
+    rule = get_mask_rule(settings.child_tuning.mask_rule)
     passes: list[FisherPass] = []
 
     def fisher() -> Any:
         if not passes:
             passes.append(
-                fisher_pass(config, objective, params, data, devices, architecture=architecture)
+                fisher_pass(settings, objective, params, data, devices, architecture=architecture)
             )
         return passes[0].fisher
 
-    mask = rule(MaskInputs(params, reserve_p, config.seed, fisher))
+    mask = rule(MaskInputs(params, settings.child_tuning.reserve_p, settings.seed, fisher))
     return ChildMask(mask, passes[0].source if passes else None)
 
 

@@ -42,7 +42,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +60,10 @@ from childtuning_jax import (
     top_k_layers_mask,
 )
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import regularization
 from childtuning_trainer.regularization import Regularizer, hold_anchor
+
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import Settings
 
 MODES = ("vanilla", "F", "D")
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -144,6 +146,7 @@ class OptimizerSettings:
     eps: float = 1e-8
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1  # the schedule's warm-up share (:func:`learning_rate_schedule`)
 
 
 def anchored_at_init(
@@ -273,29 +276,18 @@ def make_optimizer(
     return optax.chain(*chain)
 
 
-def settings_from_config(config: Any, schedule: optax.Schedule) -> OptimizerSettings:
-    return OptimizerSettings(
-        learning_rate=schedule,
-        optimizer=config.optimizer,
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-    )
-
-
-def optimizer_from_config(
-    config: Any,
+def run_optimizer(
+    settings: Settings,
     params: Any,
-    schedule: optax.Schedule,
-    reserve_p: float | None,
+    learning_rate: float | optax.Schedule,
     *,
     mask: Any = None,
 ) -> optax.GradientTransformation:
-    """The trainer's chain for ``config.mode`` and ``config.regularizer`` (``mask``:
-    ChildTuning-D's child network; ``params``: the initial params, the regularisers' anchor)."""
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    child = child_transform(config.mode, reserve_p=reserve_p, key=key, mask=mask)
-    regularizer = regularization.from_config(config)
-    return make_optimizer(child, params, settings_from_config(config, schedule), regularizer)
+    """The trainer's chain for the run's mode and regulariser (``learning_rate``: the schedule;
+    ``mask``: ChildTuning-D's child network; ``params``: the initial params, the regularisers'
+    anchor)."""
+    key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+    child_tuning = settings.child_tuning
+    child = child_transform(child_tuning.mode, reserve_p=child_tuning.reserve_p, key=key, mask=mask)
+    optimizer = dataclasses.replace(settings.optimizer, learning_rate=learning_rate)
+    return make_optimizer(child, params, optimizer, settings.regularizer)

@@ -17,6 +17,7 @@ from test_train import GLUE_DIR, REPO, _tiny_bert, glue_config
 
 from childtuning_jax import fisher_information
 from childtuning_trainer import distributed, loop, outputs, parallel, steps
+from childtuning_trainer.settings import parallelism_settings
 
 NUM_TRAIN, GLOBAL_BATCH = 16, 8  # two steps of one epoch
 # ChildTuning-D (Fisher pass, mask, training) by default; CT_FULL_MULTIHOST=1: vanilla and F too
@@ -221,11 +222,11 @@ def test_distributed_keys_are_checked(keys, message):
     config.update(keys)
     jax.devices()  # JAX has started in this process
     with pytest.raises(ValueError, match=message):
-        distributed.initialize(config)
+        distributed.initialize(parallelism_settings(config))
 
 
 def test_distributed_without_keys_is_one_process():
-    distributed.initialize(glue_config.get_config())
+    distributed.initialize(parallelism_settings(glue_config.get_config()))
     assert jax.process_count() == 1 and distributed.is_writer()
 
 

@@ -15,6 +15,7 @@ import pytest
 from childtuning_jax import leaf_names
 from childtuning_jax.models import from_config, from_pretrained, save_pretrained
 from childtuning_trainer import loop, mask_rules, tasks
+from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,9 +260,9 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
     for changed in ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1}):
         config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
-        run = loop.prepare(config)
+        run = loop.prepare(Settings.from_config(config))
         computed = mask_rules.fisher_pass(
-            config,
+            run.settings,
             run.objective,
             run.params,
             run.data,
@@ -434,9 +435,9 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
             log_every_steps=3,
             dtype=dtype,
         )
-        run = loop.prepare(config)
+        run = loop.prepare(Settings.from_config(config))
         fisher = mask_rules.fisher_pass(
-            config, run.objective, run.params, run.data, run.devices
+            run.settings, run.objective, run.params, run.data, run.devices
         ).fisher
         masks[dtype] = fisher_mask(fisher, 0.3)
         run.manager.close()

