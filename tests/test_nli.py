@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from childtuning_trainer import extra_eval, input_pipeline, loop, settings
+from childtuning_trainer import extra_eval, input_pipeline, loop, run_setup, settings
 from childtuning_trainer.tasks import DataError, get_task, nli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +226,7 @@ def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(loop, "load_model", fail)
+    monkeypatch.setattr(run_setup, "load_model", fail)
     (tmp_path / "snli").mkdir()
     for split in ("train", "dev"):
         _jsonl(tmp_path / "snli" / f"{split}.jsonl", THREE_WAY)
@@ -285,7 +285,7 @@ def test_extra_sets_are_scored_after_training_and_on_a_finished_run(tmp_path):
     assert saved == results["extra_eval"]
     assert {name: s["num_examples"] for name, s in saved.items()} == {"mnli_like": 5, "rte_like": 3}
 
-    model, _ = loop.load_model(
+    model, _ = run_setup.load_model(
         settings.Settings.from_config(config).model, get_task("rte"), config.seed
     )
     logits_of = jax.jit(lambda params, batch: model.apply(params, batch, dropout_rng=None))

@@ -14,7 +14,7 @@ import pytest
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import from_config, from_pretrained, save_pretrained
-from childtuning_trainer import loop, mask_rules, tasks
+from childtuning_trainer import loop, mask_rules, run_setup, tasks
 from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,7 +260,7 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir):
     for changed in ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1}):
         config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
-        run = loop.prepare(Settings.from_config(config))
+        run = run_setup.prepare(Settings.from_config(config))
         computed = mask_rules.fisher_pass(
             run.settings,
             run.objective,
@@ -284,7 +284,7 @@ def no_compute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(loop, "load_model", fail)
+    monkeypatch.setattr(run_setup, "load_model", fail)
 
 
 def _glue_copy(root, train_rows):
@@ -435,7 +435,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir):
             log_every_steps=3,
             dtype=dtype,
         )
-        run = loop.prepare(Settings.from_config(config))
+        run = run_setup.prepare(Settings.from_config(config))
         fisher = mask_rules.fisher_pass(
             run.settings, run.objective, run.params, run.data, run.devices
         ).fisher

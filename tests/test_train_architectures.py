@@ -17,7 +17,7 @@ from flax import nnx
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import dropout_overrides, from_config, from_pretrained, save_pretrained
-from childtuning_trainer import input_pipeline, loop, settings, tasks
+from childtuning_trainer import input_pipeline, loop, run_setup, settings, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
@@ -386,7 +386,7 @@ def test_xlnet_batches_are_left_padded(checkpoint, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     cls_id = tokenizer.cls_token_id
     config = make_config(model, tmp_path, max_seq_length=64, padding="bucket", bucket_multiple=16)
-    prepared = loop.prepare(settings.Settings.from_config(config))
+    prepared = run_setup.prepare(settings.Settings.from_config(config))
     features = prepared.data.train
     padded = features["attention_mask"].min(axis=1) == 0
     assert padded.any()  # some examples are shorter than max_seq_length

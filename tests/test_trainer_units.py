@@ -25,6 +25,7 @@ from childtuning_trainer import (
     tasks,
 )
 from childtuning_trainer.objective import example_losses, make_objective
+from childtuning_trainer.progress import Progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -457,6 +458,48 @@ def test_trivial_baseline_is_the_majority_class_or_a_constant():
         tasks.get_task("stsb"), np.array([1.0, 2.0, 4.5]), np.array([0.5, 3.0])
     )
     assert "training mean 2.5" in what and scores == {"pearson": 0.0, "spearmanr": 0.0}
+
+
+def test_progress_reads_and_writes_the_checkpoint_meta_of_earlier_runs():
+    """A checkpoint's JSON as the loop wrote it before Progress (a D run after its first epoch, a
+    vanilla run mid-epoch) reads back and writes out unchanged, key order included."""
+    config = {"task": "rte", "mode": "D"}
+    d_meta = {
+        "step": 2,
+        "history": [{"epoch": 1, "step": 2, "eval": {"accuracy": 0.375}}],
+        "fisher_time_s": 38.2,
+        "train_time_s": 96.0,
+        "eval_time_s": 22.3,
+        "fisher_source": "computed",
+        "d_mask_uniform_leaves": ["classifier/bias", "classifier/kernel"],
+        "kept_fraction": 0.3,
+        "config": config,
+        "global_batch_size": 16,
+        "num_devices": 1,
+        "num_train_examples": 32,
+        "epoch_train_time_s": [96.0],
+        "data_order": {"seed": 42, "epoch": 1, "batch": 0},
+        "interval_losses": [],
+    }
+    vanilla_meta = {
+        "step": 3,
+        "history": [],
+        "fisher_time_s": None,
+        "train_time_s": 1.5,
+        "eval_time_s": 0.0,
+        "config": dict(config, mode="vanilla"),
+        "global_batch_size": 16,
+        "num_devices": 1,
+        "num_train_examples": 64,
+        "data_order": {"seed": 42, "epoch": 0, "batch": 3},
+        "interval_losses": [0.7, 0.69, 0.71],
+    }
+    for meta in (d_meta, vanilla_meta):
+        progress = Progress.from_json(meta)
+        assert progress.step == meta["step"] and progress.interval_losses == meta["interval_losses"]
+        assert list(progress.to_json().items()) == list(meta.items())
+    assert Progress.from_json(vanilla_meta).epoch_train_time_s == []
+    assert Progress.from_json(vanilla_meta).d_mask_uniform_leaves is None
 
 
 def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path):
