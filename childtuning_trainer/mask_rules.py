@@ -101,6 +101,24 @@ class ChildMask(NamedTuple):
     fisher_source: str | None
 
 
+def cache_inputs(
+    settings: Settings, architecture: str, devices: Sequence[jax.Device]
+) -> dict[str, Any]:
+    """The settings that shape a Fisher pass, for its cache key (``fisher_cache.fisher_key``)."""
+    return {
+        "task": settings.task.name,
+        "model": settings.model.name,
+        "architecture": architecture,
+        "dtype": settings.model.dtype,
+        "max_grad_norm": settings.optimizer.max_grad_norm,
+        "parallelism": settings.parallelism.kind,
+        "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+        # XLA's CPU results depend (at float rounding) on the cores and flags it runs with.
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
 def fisher_pass(
     settings: Settings,
     objective: Objective,
@@ -138,21 +156,9 @@ def fisher_pass(
         data.train, order, batch_size, len(devices), data.padding
     )
     cache_dir = settings.child_tuning.fisher_cache_dir
-    max_grad_norm = settings.optimizer.max_grad_norm
     key = None
     if cache_dir and architecture is not None and jax.process_count() == 1:
-        inputs = {
-            "task": settings.task.name,
-            "model": settings.model.name,
-            "architecture": architecture,
-            "dtype": settings.model.dtype,
-            "max_grad_norm": max_grad_norm,
-            "parallelism": settings.parallelism.kind,
-            "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
-            # XLA's CPU results depend (at float rounding) on the cores and flags it runs with.
-            "cpu_cores": len(os.sched_getaffinity(0)),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        }
+        inputs = cache_inputs(settings, architecture, devices)
         key = fisher_cache.fisher_key(inputs, params, make_batches(), dropout_rng)
         fisher = fisher_cache.load(cache_dir, key, params)
         if fisher is not None:
@@ -164,7 +170,7 @@ def fisher_pass(
         params,
         tqdm(make_batches(), total=total, desc="Fisher information", leave=False),
         devices,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=settings.optimizer.max_grad_norm,
         rng=dropout_rng,
     )
     if key is not None:

@@ -202,6 +202,33 @@ def _lr_at(learning_rate: float | optax.Schedule) -> optax.Schedule:
     return learning_rate if callable(learning_rate) else lambda count: learning_rate
 
 
+def adaptive_step(
+    settings: OptimizerSettings, reg: Regularizer, weight_decay_mask: Any
+) -> optax.GradientTransformation:
+    """The chain's Adam step: ``settings.optimizer`` (AdamW), or RecAdam for ``recadam`` with the
+    same schedule, betas, eps and weight decay (anchored at the params given to ``init``)."""
+    adam = dict(
+        b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay
+    )
+    if reg.name != "recadam":
+        return OPTIMIZERS[settings.optimizer](
+            settings.learning_rate, **adam, mask=weight_decay_mask
+        )
+    return anchored_at_init(
+        lambda pre: recadam(
+            settings.learning_rate,
+            pre,
+            **adam,
+            anneal_fun=reg.recadam_anneal_fun,
+            anneal_k=reg.recadam_anneal_k,
+            anneal_t0=reg.recadam_anneal_t0,
+            anneal_w=reg.recadam_anneal_w,
+            pretrain_cof=reg.recadam_pretrain_cof,
+            weight_decay_mask=weight_decay_mask,
+        )
+    )
+
+
 def make_optimizer(
     child: optax.GradientTransformation,
     params: Any,
@@ -232,37 +259,7 @@ def make_optimizer(
         chain.append(
             anchored_at_init(lambda pre: decay_to_pretrained(pre, c, mask=default_anchor_mask))
         )
-    if reg.name == "recadam":
-        chain.append(
-            anchored_at_init(
-                lambda pre: recadam(
-                    lr,
-                    pre,
-                    b1=settings.b1,
-                    b2=settings.b2,
-                    eps=settings.eps,
-                    weight_decay=settings.weight_decay,
-                    anneal_fun=reg.recadam_anneal_fun,
-                    anneal_k=reg.recadam_anneal_k,
-                    anneal_t0=reg.recadam_anneal_t0,
-                    anneal_w=reg.recadam_anneal_w,
-                    pretrain_cof=reg.recadam_pretrain_cof,
-                    weight_decay_mask=weight_decay_mask,
-                )
-            )
-        )
-    else:
-        adamw = OPTIMIZERS[settings.optimizer]
-        chain.append(
-            adamw(
-                lr,
-                b1=settings.b1,
-                b2=settings.b2,
-                eps=settings.eps,
-                weight_decay=settings.weight_decay,
-                mask=weight_decay_mask,
-            )
-        )
+    chain.append(adaptive_step(settings, reg, weight_decay_mask))
     if decay_form == "decoupled":
         c, lr_at = reg.decay_coefficient, _lr_at(lr)
         coefficient = lambda count: -c * lr_at(count)  # AdamW's update is already scaled by -lr
