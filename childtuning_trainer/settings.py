@@ -139,67 +139,88 @@ class Settings:
         :func:`childtuning_trainer.regularization.mixout_dropout`)."""
         parallelism = parallelism_settings(config)
         task = tasks.get_task(config.task)
-        optimizer_chain.check_mode(config.mode)
-        if config.optimizer not in optimizer_chain.OPTIMIZERS:
-            raise ValueError(
-                f"Unknown optimizer {config.optimizer!r}; expected one of "
-                f"{', '.join(optimizer_chain.OPTIMIZERS)}."
-            )
-        mask_rules.get_mask_rule(config.mask_rule)
-        if config.prune and config.mode != "D":
-            raise ValueError(f"config.prune needs mode D (the child network), not {config.mode!r}.")
-        positive = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")
-        for key in positive:
+        child_tuning = child_tuning_settings(config, task)
+        optimizer = optimizer_settings(config)
+        for key in POSITIVE_KEYS:
             if not config[key] > 0:
                 raise ValueError(f"config.{key}={config[key]} must be positive.")
-        if config.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"Unknown dtype {config.dtype!r}; expected float32 or bfloat16.")
+        model = model_settings(config)
         data = data_settings(config)
-        if not 0.0 <= config.warmup_ratio <= 1.0:
-            raise ValueError(f"config.warmup_ratio={config.warmup_ratio} must be in [0, 1].")
-        if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"config.dropout={config.dropout} must be in [0, 1).")
-        if not config.output_dir:
-            raise ValueError(
-                "config.output_dir is empty; name a folder for checkpoints and results."
-            )
-        reserve_p = optimizer_chain.resolve_reserve_p(config.mode, task.name, config.reserve_p)
+        outputs = output_settings(config)
         regularizer = regularization.from_config(config)
-        dropout = regularization.mixout_dropout(regularizer, config.dropout)
-        regularization.check_top_k_layers(regularizer, config.model)
+        model = dataclasses.replace(
+            model, dropout=regularization.mixout_dropout(regularizer, model.dropout)
+        )
+        regularization.check_top_k_layers(regularizer, model.name)
         extra_eval.check_config(data.extra_eval, task)
         raw = config.to_dict()
         if "dropout" in raw:
-            raw["dropout"] = dropout
+            raw["dropout"] = model.dropout
         return cls(
             task=task,
             seed=config.seed,
-            model=ModelSettings(config.model, config.dtype, dropout),
+            model=model,
             data=data,
-            optimizer=OptimizerSettings(
-                learning_rate=config.learning_rate,
-                optimizer=config.optimizer,
-                b1=config.adam_b1,
-                b2=config.adam_b2,
-                eps=config.adam_eps,
-                weight_decay=config.weight_decay,
-                max_grad_norm=config.max_grad_norm,
-                warmup_ratio=config.warmup_ratio,
-            ),
+            optimizer=optimizer,
             num_train_epochs=config.num_train_epochs,
-            child_tuning=ChildTuningSettings(
-                mode=config.mode,
-                reserve_p=reserve_p,
-                mask_rule=config.mask_rule,
-                fisher_max_train_samples=config.fisher_max_train_samples,
-                fisher_cache_dir=config.get("fisher_cache_dir", ""),
-                prune=config.prune,
-            ),
+            child_tuning=child_tuning,
             regularizer=regularizer,
             parallelism=parallelism,
-            outputs=output_settings(config),
+            outputs=outputs,
             config=raw,
         )
+
+
+POSITIVE_KEYS = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")
+
+
+def child_tuning_settings(
+    config: ml_collections.ConfigDict, task: tasks.Task
+) -> ChildTuningSettings:
+    """The Child-Tuning keys, checked; ``reserve_p`` resolved (the authors' value if unset)."""
+    optimizer_chain.check_mode(config.mode)
+    mask_rules.get_mask_rule(config.mask_rule)
+    if config.prune and config.mode != "D":
+        raise ValueError(f"config.prune needs mode D (the child network), not {config.mode!r}.")
+    return ChildTuningSettings(
+        mode=config.mode,
+        reserve_p=optimizer_chain.resolve_reserve_p(config.mode, task.name, config.reserve_p),
+        mask_rule=config.mask_rule,
+        fisher_max_train_samples=config.fisher_max_train_samples,
+        fisher_cache_dir=config.get("fisher_cache_dir", ""),
+        prune=config.prune,
+    )
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
+    """The optimizer keys, checked (the learning rate stays a number; the run makes the
+    schedule)."""
+    if config.optimizer not in optimizer_chain.OPTIMIZERS:
+        raise ValueError(
+            f"Unknown optimizer {config.optimizer!r}; expected one of "
+            f"{', '.join(optimizer_chain.OPTIMIZERS)}."
+        )
+    if not 0.0 <= config.warmup_ratio <= 1.0:
+        raise ValueError(f"config.warmup_ratio={config.warmup_ratio} must be in [0, 1].")
+    return OptimizerSettings(
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_ratio=config.warmup_ratio,
+    )
+
+
+def model_settings(config: ml_collections.ConfigDict) -> ModelSettings:
+    """The model keys, checked (the regulariser may still change ``dropout``)."""
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; expected float32 or bfloat16.")
+    if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"config.dropout={config.dropout} must be in [0, 1).")
+    return ModelSettings(config.model, config.dtype, config.dropout)
 
 
 def data_settings(config: ml_collections.ConfigDict) -> DataSettings:
@@ -255,6 +276,9 @@ def parallelism_settings(config: ml_collections.ConfigDict) -> ParallelismSettin
 
 
 def output_settings(config: ml_collections.ConfigDict) -> OutputSettings:
+    """The output keys (``output_dir`` must name a folder)."""
+    if not config.output_dir:
+        raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
     return OutputSettings(
         output_dir=config.output_dir,
         resume=config.resume,
