@@ -142,7 +142,7 @@ def run_task(task: str, *, smoke: bool, model: str, out_dir: str) -> dict[str, A
             "real_token_share": real_token_share(c.run, EPOCHS - 1),
             "buckets": list(c.run.data.padding.buckets),
             "lengths_used": sorted(c.lengths_used),
-            "bucket_multiple": c.run.config.bucket_multiple,
+            "bucket_multiple": c.run.settings.data.bucket_multiple,
         }
     return out
 
