@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from childtuning_trainer import recipe, regularizers, tasks
+from childtuning_trainer import optimizer_chain, regularization, tasks
 from childtuning_trainer.experiments import protocol_reports, protocols, runner, store
 from childtuning_trainer.tasks import nli
 
@@ -39,7 +39,7 @@ _PS = flags.DEFINE_list("reserve_ps", [], "reserve_p values (default: the author
 _REGS = flags.DEFINE_list(
     "regularizers",
     ["none"],
-    "Regularisers (childtuning_trainer.regularizers), each NAME or NAME:KEY=VALUE:... with its "
+    "Regularisers (childtuning_trainer.regularization), each NAME or NAME:KEY=VALUE:... with its "
     "own config keys, e.g. recadam:recadam_anneal_t0=20.",
 )
 _SAMPLES = flags.DEFINE_integer(
@@ -109,7 +109,7 @@ def check_names() -> None:
     for name in [*(_TASKS.value or []), *_TARGETS.value]:
         tasks.get_task(name)
     for mode in _MODES.value:
-        recipe.check_mode(mode)
+        optimizer_chain.check_mode(mode)
 
 
 def regularizer_choices() -> list[protocols.RegularizerChoice]:
@@ -118,14 +118,16 @@ def regularizer_choices() -> list[protocols.RegularizerChoice]:
     choices: list[protocols.RegularizerChoice] = []
     for item in _REGS.value:
         name, *settings = item.split(":")
-        if name not in regularizers.NAMES:
-            raise ValueError(f"Unknown regularizer {name!r}; expected one of {regularizers.NAMES}.")
+        if name not in regularization.NAMES:
+            raise ValueError(
+                f"Unknown regularizer {name!r}; expected one of {regularization.NAMES}."
+            )
         own = {k: parse_value(v) for k, v in key_values(settings, "regularizers").items()}
-        foreign = sorted(set(own) - set(regularizers.KEYS[name]))
+        foreign = sorted(set(own) - set(regularization.KEYS[name]))
         if foreign:
             raise ValueError(
                 f"--regularizers: {foreign} are not settings of {name!r} "
-                f"(its keys: {list(regularizers.KEYS[name])})."
+                f"(its keys: {list(regularization.KEYS[name])})."
             )
         choices.append((name, own) if own else name)
     return choices

@@ -1,18 +1,20 @@
 """Fisher pass throughput against training throughput on the same batches.
 
-``childtuning_jax.fisher_information`` (official rule: squared batch-mean gradient, dropout on as
-in the official ``model.train()`` pass) over ``N`` batches, against a training epoch's forward +
-backward on the same batches (one jitted ``value_and_grad`` per batch). Training throughput (a
-full step: forward + backward + clip + AdamW, same shapes) comes from the train-step benchmark
-of the same run (``benchmarks.run`` adds the ratio). Target (issue 5): Fisher pass <= 1.1x the
-epoch's forward + backward.
+The pass ChildTuning-D's training runs, ``childtuning_trainer.steps.fisher_information`` (the
+library's ``fisher_step`` mapped over the trainer's default ``jit`` layout, here one device;
+official rule: squared batch-mean gradient, each tensor clipped to ``max_grad_norm``, dropout on as
+in the official ``model.train()`` pass), over ``N`` batches weighted as
+``input_pipeline.fisher_batches`` weights them, against a training epoch's forward + backward on
+the same batches (one jitted ``value_and_grad`` per batch). Training throughput (a full step:
+forward + backward + clip + AdamW, same shapes) comes from the train-step benchmark of the same
+run (``benchmarks.run`` adds the ratio). Target (issue 5): Fisher pass <= 1.1x the epoch's
+forward + backward.
 
-The first call of each (compile included) is reported as is; ``fisher_information`` caches its
-jitted step, so later calls pay only a fixed per-call cost (dispatch, the final division and
-finiteness check). The per-batch cost is the slope between calls on 1 and ``N`` batches; the rest
-is the fixed cost per call. The target is checked on the
-per-batch cost (a real Fisher pass covers the whole training set) and, for reference, on the
-whole ``N``-batch call.
+The first call of each (compile included) is reported as is; the trainer caches its mapped step
+for the same loss, so later calls pay only a fixed per-call cost (placing the params, dispatch,
+the final division and finiteness check). The per-batch cost is the slope between calls on 1 and
+``N`` batches; the rest is the fixed cost per call. The target is checked on the per-batch cost (a
+real Fisher pass covers the whole training set) and, for reference, on the whole ``N``-batch call.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import common, workloads
-from childtuning_jax import fisher_information
+from childtuning_trainer import parallel, steps
+from childtuning_trainer.objective import weighted_sum
 
 
 def run(
@@ -48,13 +52,26 @@ def run(
     batches = workloads.random_batches(
         config, num=num_batches, batch_size=batch_size, seq_len=seq_len, seed=1
     )
+    # input_pipeline.fisher_batches' weights on one device: the summed loss is the batch mean.
+    weighted = [{**b, "weights": np.full(batch_size, 1 / batch_size, np.float32)} for b in batches]
+    layout = parallel.select_devices(1, "jit")
     model = workloads.JaxModel(config, dtype=dtype)
     params = model.params
+    fisher_loss = weighted_sum(model.objective)
     key = jax.random.key(0)
     grad_fn = jax.jit(jax.value_and_grad(model.loss))
 
     def fisher(n: int):
-        common.block(fisher_information(model.loss, params, batches[:n], rng=key))
+        common.block(
+            steps.fisher_information(
+                fisher_loss,
+                params,
+                weighted[:n],
+                layout,
+                max_grad_norm=workloads.MAX_GRAD_NORM,
+                rng=key,
+            )
+        )
 
     def forward_backward_epoch():
         for i, batch in enumerate(batches):

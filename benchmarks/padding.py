@@ -1,11 +1,12 @@
 """Length-bucketed padding against padding every batch to ``max_seq_length``: epoch wall time.
 
-The trainer's pieces (``childtuning_trainer.loop.prepare`` and ``initial_state``, its mapped train
-and eval steps) fine-tune the packaged MiniLM (vanilla AdamW, the official settings, dropout on)
-for two epochs on a seeded subset of each task's training set and evaluate on the whole dev set,
-once with ``padding="max_length"`` and once with ``padding="bucket"`` (the default: at most four
-multiples of 8 fitted to the run's batches): same seed, same examples in the same order. Only
-padding differs, so the metrics must agree up to float rounding (target: within 0.005).
+The trainer's pieces (``childtuning_trainer.run_setup.prepare``, ``loop.initial_state``, its
+mapped train and eval steps) fine-tune the packaged MiniLM (vanilla AdamW, the official settings,
+dropout on) for two epochs on a seeded subset of each task's training set and evaluate on the
+whole dev set, once with ``padding="max_length"`` and once with ``padding="bucket"`` (the
+default: at most four multiples of 8 fitted to the run's batches): same seed, same examples in
+the same order. Only padding differs, so the metrics must agree up to float rounding (target:
+within 0.005).
 
 The two contenders train side by side in this process, one step each in turn (the order
 alternating from step to step), and each contender's epoch time is the sum of its own steps
@@ -29,7 +30,8 @@ from typing import Any
 
 import transformers
 
-from childtuning_trainer import loop, parallel, steps
+from childtuning_trainer import loop, parallel, run_setup, steps
+from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
@@ -55,7 +57,7 @@ def base_config() -> Any:
     return module.get_config()
 
 
-def real_token_share(run: loop.Run, epoch: int) -> float:
+def real_token_share(run: run_setup.Run, epoch: int) -> float:
     """Real tokens over the positions the training batches of epoch ``epoch`` (0-based) compute."""
     real = computed = 0
     for batch in run.epoch_batches(epoch):
@@ -89,7 +91,7 @@ class Contender:
     """One padding mode's run, driven a step at a time."""
 
     def __init__(self, config: Any):
-        self.run = loop.prepare(config)
+        self.run = run_setup.prepare(Settings.from_config(config))
         host_state, tx, _ = loop.initial_state(self.run)
         self.state = parallel.replicate(host_state, self.run.devices)
         self.step_fn = self.run.train_step(tx)
@@ -140,7 +142,7 @@ def run_task(task: str, *, smoke: bool, model: str, out_dir: str) -> dict[str, A
             "real_token_share": real_token_share(c.run, EPOCHS - 1),
             "buckets": list(c.run.data.padding.buckets),
             "lengths_used": sorted(c.lengths_used),
-            "bucket_multiple": c.run.config.bucket_multiple,
+            "bucket_multiple": c.run.settings.data.bucket_multiple,
         }
     return out
 

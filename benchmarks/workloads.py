@@ -1,9 +1,9 @@
 """The training workload both frameworks run: BERT for sequence classification on random data.
 
-Ours: the Flax NNX model of ``childtuning_jax.models`` (random init), the trainer's recipe
-(``childtuning_trainer.recipe``: ``clip_by_global_norm(1.0) -> child_tuning_{f,d} | identity ->
-adamw``, weight decay off biases and LayerNorm) and the trainer's train step
-(``childtuning_trainer.steps``), jitted on one device with the state donated.
+Ours: the Flax NNX model of ``childtuning_jax.models`` (random init), the trainer's
+optimizer chain (``childtuning_trainer.optimizer_chain``: ``clip_by_global_norm(1.0) ->
+child_tuning_{f,d} | identity -> adamw``, weight decay off biases and LayerNorm) and the
+trainer's train step (``childtuning_trainer.steps``), jitted on one device with the state donated.
 PyTorch: see :mod:`benchmarks.torch_baseline`.
 """
 
@@ -22,10 +22,10 @@ from flax import nnx
 from benchmarks import common
 from childtuning_jax import fisher_mask, leaf_names
 from childtuning_jax.models import from_config
-from childtuning_trainer import recipe, steps
+from childtuning_trainer import optimizer_chain, steps
 from childtuning_trainer.objective import Model, make_objective
 
-MODES = recipe.MODES
+MODES = optimizer_chain.MODES
 RESERVE_P = 0.3
 LEARNING_RATE = 2e-5
 WEIGHT_DECAY = 0.01
@@ -101,7 +101,7 @@ def random_child_mask(params: Any, reserve_p: float = RESERVE_P, seed: int = 0) 
     return fisher_mask(fisher_tree, reserve_p)
 
 
-SETTINGS = recipe.OptimizerSettings(
+SETTINGS = optimizer_chain.OptimizerSettings(
     learning_rate=LEARNING_RATE,
     optimizer="adamw",
     eps=ADAM_EPS,
@@ -112,8 +112,10 @@ SETTINGS = recipe.OptimizerSettings(
 
 def make_tx(mode: str, params: Any, mask: Any = None) -> optax.GradientTransformation:
     """The trainer's optimizer chain for ``mode`` (``"vanilla"``, ``"F"`` or ``"D"``)."""
-    child = recipe.child_transform(mode, reserve_p=RESERVE_P, key=jax.random.key(1), mask=mask)
-    return recipe.make_optimizer(child, params, SETTINGS)
+    child = optimizer_chain.child_transform(
+        mode, reserve_p=RESERVE_P, key=jax.random.key(1), mask=mask
+    )
+    return optimizer_chain.make_optimizer(child, params, SETTINGS)
 
 
 def make_train_step(

@@ -18,7 +18,7 @@ parameter. The official recipe's order is::
   )
 """
 
-from childtuning_jax.fisher import fisher_information
+from childtuning_jax.fisher import fisher_information, fisher_mean, fisher_step
 from childtuning_jax.optim import HFAdamWState, hf_adamw
 from childtuning_jax.paths import keypath_to_str, leaf_names, map_with_name
 from childtuning_jax.regularizers import (
@@ -53,6 +53,8 @@ __all__ = [
     "decay_to_pretrained",
     "fisher_information",
     "fisher_mask",
+    "fisher_mean",
+    "fisher_step",
     "hf_adamw",
     "keypath_to_str",
     "leaf_names",

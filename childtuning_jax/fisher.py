@@ -9,6 +9,9 @@ the mean squared gradient of the loss. Two estimators are offered:
   counts as one batch).
 * ``per_example=True``: the paper's definition, the mean over examples of squared per-example
   gradients (vmapped over examples in chunks so memory stays bounded).
+
+:func:`fisher_step` is one batch's share of the sum, written once: :func:`fisher_information` runs
+it in a loop, and a trainer can map it over its devices (``axis_name``) and reduce.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from childtuning_jax import parallel, paths
+from childtuning_jax import paths
 
 LossFn = Callable[..., jax.Array]
+FisherStep = Callable[[Any, Any, Any, "jax.Array | None"], Any]
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon
 
@@ -72,109 +77,82 @@ def _takes_rng(loss_fn: LossFn) -> bool:
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
-def _make_grad_sq_sum(
+def fisher_step(
     loss_fn: LossFn,
     *,
-    max_grad_norm: float | None,
-    per_example: bool,
-    chunk_size: int,
-    axis_name: str | None,
-    has_rng: bool,
-) -> Callable[[Any, Any, Any], Any]:
-    """Builds ``f(params, batch, rng) -> pytree``: this batch's contribution to the Fisher sum.
+    max_grad_norm: float | None = None,
+    per_example: bool = False,
+    chunk_size: int = 8,
+    axis_name: str | None = None,
+) -> FisherStep:
+    """``step(acc, params, batch, rng) -> acc + this batch's share of the Fisher sum``.
 
-    Default rule: the squared (clipped) gradient of the batch-mean loss; under ``axis_name`` the
-    per-device gradients are averaged first, so the result equals the single-device one.
-    Per-example rule: the sum of squared per-example gradients (summed over devices too).
+    Default rule: the squared gradient of the batch's loss, each tensor clipped to
+    ``max_grad_norm`` on its own first; per-example rule: the sum of the examples' squared
+    (clipped) gradients. Squares are float32. ``rng`` ``None``: ``loss_fn(params, batch)``;
+    otherwise ``loss_fn(params, batch, rng)`` (per example: one key each, split from ``rng``).
+
+    Under ``axis_name`` (a mapped axis of devices, each holding a share of the batch) every device
+    folds its index into ``rng``; the default rule averages the gradients over the axis before
+    squaring (so ``loss_fn`` should give the whole batch's mean when averaged over devices), the
+    per-example rule sums its squares over the axis.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     grad_fn = jax.grad(loss_fn)
 
+    def grad(params, batch, rng):
+        return grad_fn(params, batch) if rng is None else grad_fn(params, batch, rng)
+
     def batch_mean_rule(params, batch, rng):
-        grads = grad_fn(params, batch) if rng is None else grad_fn(params, batch, rng)
+        grads = grad(params, batch, rng)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         return _squared(grads, max_grad_norm)
 
     def example_sq(params, example, rng):
         single = jax.tree.map(lambda x: x[None], example)
-        grads = grad_fn(params, single) if rng is None else grad_fn(params, single, rng)
-        return _squared(grads, max_grad_norm)
+        return _squared(grad(params, single, rng), max_grad_norm)
+
+    def chunk_sum(params, chunk, chunk_rngs):
+        rng_axis = None if chunk_rngs is None else 0
+        sq = jax.vmap(example_sq, in_axes=(None, 0, rng_axis))(params, chunk, chunk_rngs)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), sq)
 
     def per_example_rule(params, batch, rng):
         n = _batch_size(batch)
-        if rng is not None:
-            if axis_name is not None:
-                rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-            example_rngs = jax.random.split(rng, n)
-        else:
-            example_rngs = None
-
-        def chunk_sum(chunk, chunk_rngs):
-            sq = jax.vmap(example_sq, in_axes=(None, 0, None if chunk_rngs is None else 0))(
-                params, chunk, chunk_rngs
-            )
-            return jax.tree.map(lambda x: jnp.sum(x, axis=0), sq)
-
+        example_rngs = None if rng is None else jax.random.split(rng, n)
         full, rest = divmod(n, chunk_size)
         total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         if full:
-            chunks = jax.tree.map(
-                lambda x: x[: full * chunk_size].reshape(full, chunk_size, *x.shape[1:]), batch
-            )
-            chunk_rngs = (
-                None
-                if example_rngs is None
-                else example_rngs[: full * chunk_size].reshape(full, chunk_size, -1)
-            )
+            split = lambda x: x[: full * chunk_size].reshape(full, chunk_size, *x.shape[1:])
+            chunk_rngs = None if example_rngs is None else split(example_rngs)
 
             def body(acc, xs):
                 chunk, rngs = xs
-                return _tree_add(acc, chunk_sum(chunk, rngs)), None
+                return _tree_add(acc, chunk_sum(params, chunk, rngs)), None
 
-            total, _ = jax.lax.scan(body, total, (chunks, chunk_rngs))
+            total, _ = jax.lax.scan(body, total, (jax.tree.map(split, batch), chunk_rngs))
         if rest:
-            tail = jax.tree.map(lambda x: x[full * chunk_size :], batch)
-            tail_rngs = None if example_rngs is None else example_rngs[full * chunk_size :]
-            total = _tree_add(total, chunk_sum(tail, tail_rngs))
+            tail = lambda x: x[full * chunk_size :]
+            tail_rngs = None if example_rngs is None else tail(example_rngs)
+            total = _tree_add(total, chunk_sum(params, jax.tree.map(tail, batch), tail_rngs))
         if axis_name is not None:
             total = jax.lax.psum(total, axis_name)
         return total
 
     rule = per_example_rule if per_example else batch_mean_rule
 
-    def keyed_rule(params, batch, rng):
-        if not has_rng:
-            return rule(params, batch, None)
-        if axis_name is not None and not per_example:
+    def step(acc: Any, params: Any, batch: Any, rng: jax.Array | None) -> Any:
+        if rng is not None and axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        return rule(params, batch, rng)
+        return _tree_add(acc, rule(params, batch, rng))
 
-    return keyed_rule
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled_steps(
-    loss_fn: LossFn, options: tuple[tuple[str, Any], ...], devices: tuple[jax.Device, ...] | None
-) -> Callable[..., Any]:
-    """The jitted (or pmapped) accumulation step, cached so repeated passes with the same
-    ``loss_fn`` and options reuse their compilation."""
-    if devices is None:
-        rule = _make_grad_sq_sum(loss_fn, axis_name=None, **dict(options))
-        return jax.jit(
-            lambda acc, params, batch, rng: _tree_add(acc, rule(params, batch, rng)),
-            donate_argnums=0,
-        )
-    pmap_rule = _make_grad_sq_sum(loss_fn, axis_name="batch", **dict(options))
-    return jax.pmap(
-        lambda acc, params, batch, rng: _tree_add(acc, pmap_rule(params, batch, rng)),
-        axis_name="batch",
-        in_axes=(0, 0, 0, None),
-        devices=devices,
-        donate_argnums=0,
-    )
+    return step
 
 
-def _check_finite(fisher: Any) -> None:
+def check_finite(fisher: Any) -> None:
+    """Raises ``FloatingPointError`` naming the first parameter whose Fisher value is NaN or inf."""
     finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), fisher)
     for name, ok in zip(paths.leaf_names(finite), jax.tree.leaves(finite), strict=True):
         if not bool(ok):
@@ -182,6 +160,37 @@ def _check_finite(fisher: Any) -> None:
                 f"Fisher information of '{name}' is not finite (NaN or inf gradients); "
                 "check the loss and the inputs"
             )
+
+
+def fisher_mean(total: Any, count: int) -> Any:
+    """The Fisher sum over ``count`` batches (or examples) as a mean, checked to be finite."""
+    if count == 0:
+        raise ValueError("batches is empty: the Fisher information needs at least one batch")
+    fisher = jax.tree.map(lambda x: x / count, total)
+    check_finite(fisher)
+    return fisher
+
+
+_AXIS = "devices"
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(
+    loss_fn: LossFn, options: tuple[tuple[str, Any], ...], devices: tuple[jax.Device, ...] | None
+) -> Callable[..., Any]:
+    """:func:`fisher_step` jitted with the accumulator donated, cached so repeated passes with the
+    same ``loss_fn`` and options reuse their compilation. With ``devices``: mapped over them
+    (``jax.shard_map``), each device taking its share of the batch's leading axis."""
+    if devices is None:
+        return jax.jit(fisher_step(loss_fn, **dict(options)), donate_argnums=0)
+    step = jax.shard_map(
+        fisher_step(loss_fn, axis_name=_AXIS, **dict(options)),
+        mesh=Mesh(np.asarray(devices), (_AXIS,)),
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(_AXIS), PartitionSpec()),
+        out_specs=PartitionSpec(),
+        check_vma=False,  # per-device gradients, as under pmap (the step averages them itself)
+    )
+    return jax.jit(step, donate_argnums=0)
 
 
 def fisher_information(
@@ -210,8 +219,8 @@ def fisher_information(
       rng: a PRNG key; batch ``i`` gets ``fold_in(rng, i)``, and the example or device index is
         folded in below that. ``None``: ``loss_fn`` is called without one.
       devices: run data-parallel over these devices (e.g. ``jax.local_devices()``) with
-        ``jax.pmap``: each batch's leading axis is split evenly over them and gradients averaged
-        before squaring. A batch that does not split evenly is computed whole on one device, so the
+        ``jax.shard_map``: each batch's leading axis is split evenly over them and gradients
+        averaged before squaring. A batch that does not split evenly is computed whole, so the
         result equals the single-device estimate up to float rounding.
       chunk_size: examples vmapped together in the per-example rule (bounds memory).
 
@@ -225,52 +234,36 @@ def fisher_information(
     """
     if max_grad_norm is not None and not (float(max_grad_norm) > 0):
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if rng is not None and not _takes_rng(loss_fn):
         raise TypeError("rng was given but loss_fn does not take a third (rng) argument")
-    devices = list(devices) if devices is not None else None
-    options = dict(
-        max_grad_norm=max_grad_norm,
-        per_example=per_example,
-        chunk_size=chunk_size,
-        has_rng=rng is not None,
+    options = tuple(
+        sorted(
+            dict(
+                max_grad_norm=max_grad_norm, per_example=per_example, chunk_size=chunk_size
+            ).items()
+        )
     )
-
-    single_step = _compiled_steps(loss_fn, tuple(sorted(options.items())), None)
-    zeros = jax.tree.map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
-
-    use_pmap = devices is not None and len(devices) > 1
-    if use_pmap:
-        pmap_step = _compiled_steps(loss_fn, tuple(sorted(options.items())), tuple(devices))
-        replicated_params = parallel.replicate(params, devices)
-        replicated_acc = parallel.replicate(zeros, devices)
-        single_params = jax.device_put(params, devices[0])
-    else:
-        single_params = params
-    single_acc = zeros
-
-    num_batches = 0
-    num_examples = 0
+    step = mapped_step = _compiled_step(loss_fn, options, None)
+    acc = jax.tree.map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
+    whole = split = None
+    if devices is not None and len(devices) > 1:
+        mapped_step = _compiled_step(loss_fn, options, tuple(devices))
+        mesh = Mesh(np.asarray(devices), (_AXIS,))
+        whole, split = (
+            NamedSharding(mesh, PartitionSpec()),
+            NamedSharding(mesh, PartitionSpec(_AXIS)),
+        )
+        acc, params = jax.device_put((acc, params), whole)
+    num_batches = num_examples = 0
     for index, batch in enumerate(batches):
         size = _batch_size(batch)
-        # Without an rng the rules ignore this placeholder key (pmap needs a concrete argument).
-        batch_rng = jax.random.PRNGKey(0) if rng is None else jax.random.fold_in(rng, index)
-        if use_pmap and size % len(devices) == 0:
-            replicated_acc = pmap_step(
-                replicated_acc, replicated_params, parallel.shard(batch, devices), batch_rng
-            )
-        else:
-            single_acc = single_step(single_acc, single_params, batch, batch_rng)
+        batch_rng = None if rng is None else jax.random.fold_in(rng, index)
+        if split is not None and size % len(devices) == 0:
+            acc = mapped_step(acc, params, jax.device_put(batch, split), batch_rng)
+        else:  # one device, or a batch that does not split: computed whole (on every device)
+            batch = batch if whole is None else jax.device_put(batch, whole)
+            acc = step(acc, params, batch, batch_rng)
         num_batches += 1
         num_examples += size
-    if num_batches == 0:
-        raise ValueError("batches is empty: the Fisher information needs at least one batch")
-
-    total = single_acc
-    if use_pmap:
-        total = _tree_add(jax.device_put(parallel.unreplicate(replicated_acc), devices[0]), total)
-    count = num_examples if per_example else num_batches
-    fisher = jax.tree.map(lambda x: x / count, total)
-    _check_finite(fisher)
-    return fisher
+    fisher = fisher_mean(acc, num_examples if per_example else num_batches)
+    return fisher if whole is None else jax.device_put(fisher, devices[0])

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from childtuning_trainer import parallel, regularizers
+from childtuning_trainer import parallel, regularization
+
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import OutputSettings, Settings
 
 # Settings a checkpoint must agree with to be resumed (every regulariser setting included).
 RESUME_KEYS = (
@@ -46,16 +48,16 @@ RESUME_KEYS = (
     "bucket_multiple",
     "max_buckets",
     "bucket_min_share",
-    *regularizers.CONFIG_KEYS,
+    *regularization.CONFIG_KEYS,
 )
 # What a key added later meant in checkpoints written before it existed.
 LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0}
 
 
-def checkpoint_manager(config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(config.output_dir), "checkpoints")
+def checkpoint_manager(outputs: OutputSettings) -> ocp.CheckpointManager:
+    directory = os.path.join(os.path.abspath(outputs.output_dir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
+        max_to_keep=outputs.keep_checkpoints, create=True, cleanup_tmp_directories=True
     )
     return ocp.CheckpointManager(directory, options=options)
 
@@ -96,17 +98,19 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: Any) -> tuple[A
     return restored.state, restored.meta
 
 
-def check_resumable(config: ml_collections.ConfigDict, meta: dict, global_batch: int) -> None:
-    saved = meta["config"]
+def check_resumable(settings: Settings, meta: dict, global_batch: int) -> None:
+    """Refuses a checkpoint whose run differs in a :data:`RESUME_KEYS` setting or global batch."""
+    saved, config = meta["config"], settings.config
+    output_dir = settings.outputs.output_dir
     for key in RESUME_KEYS:
         value = saved.get(key, LEGACY_VALUES.get(key))
         if value != config[key]:
             raise ValueError(
-                f"Cannot resume from {config.output_dir!r}: its checkpoint has "
+                f"Cannot resume from {output_dir!r}: its checkpoint has "
                 f"{key}={value!r}, this run {key}={config[key]!r}."
             )
     if meta["global_batch_size"] != global_batch:
         raise ValueError(
-            f"Cannot resume from {config.output_dir!r}: global batch {meta['global_batch_size']} "
+            f"Cannot resume from {output_dir!r}: global batch {meta['global_batch_size']} "
             f"there, {global_batch} here (per_device_batch_size x devices)."
         )

@@ -1,10 +1,11 @@
 """Multi-process runs on JAX's own multi-controller runtime (``jax.distributed``).
 
-A run is one Python process per host, each driving its local devices. ``initialize(config)``
+A run is one Python process per host, each driving its local devices. ``initialize(settings)``
 joins the processes before JAX starts its backend: ``config.coordinator_address``,
-``config.num_processes`` and ``config.process_id`` go to ``jax.distributed.initialize``; left
-unset, a cluster JAX detects by itself (a Cloud TPU pod slice, Slurm, Open MPI) is joined with
-no arguments, and anywhere else the run is a single process. On CPU the processes reduce over
+``config.num_processes`` and ``config.process_id`` (checked by ``settings.parallelism_settings``)
+go to ``jax.distributed.initialize``; left unset, a cluster JAX detects by itself (a Cloud TPU pod
+slice, Slurm, Open MPI) is joined with no arguments, and anywhere else the run is a single
+process. On CPU the processes reduce over
 gloo (``jax_cpu_collectives_implementation``).
 
 Process 0 is the writer: it alone writes logs, TensorBoard, JSON results and the saved model
@@ -13,45 +14,13 @@ Process 0 is the writer: it alone writes logs, TensorBoard, JSON results and the
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 from jax.experimental import multihost_utils
 
-_ADDRESS = re.compile(r"^\S+:\d+$")
-
-
-def _settings(config: ml_collections.ConfigDict) -> tuple[str, int | None, int | None]:
-    return (
-        config.get("coordinator_address") or "",
-        config.get("num_processes"),
-        config.get("process_id"),
-    )
-
-
-def check_config(config: ml_collections.ConfigDict) -> bool:
-    """Checks the three keys (all set, or none); returns whether they are set."""
-    address, num_processes, process_id = _settings(config)
-    given = [bool(address), num_processes is not None, process_id is not None]
-    if not any(given):
-        return False
-    if not all(given):
-        raise ValueError(
-            "config.coordinator_address, config.num_processes and config.process_id go together: "
-            f"got {address!r}, {num_processes!r}, {process_id!r} (set all three, or none)."
-        )
-    if not _ADDRESS.match(address):
-        raise ValueError(f"config.coordinator_address={address!r} must be host:port.")
-    if not (isinstance(num_processes, int) and num_processes >= 1):
-        raise ValueError(f"config.num_processes={num_processes!r} must be a positive int.")
-    if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
-        raise ValueError(
-            f"config.process_id={process_id!r} must be in [0, {num_processes}) "
-            f"(num_processes={num_processes})."
-        )
-    return True
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import ParallelismSettings
 
 
 def cluster_detected() -> bool:
@@ -73,15 +42,19 @@ def _backend_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def initialize(config: ml_collections.ConfigDict) -> None:
+def initialize(settings: ParallelismSettings) -> None:
     """Joins this process to the run's processes (once per process), or does nothing.
 
     Raises:
-      ValueError: bad keys, JAX already started in this process (set them before any JAX work,
-        as ``train.py`` does), or a process already joined with other settings.
+      ValueError: JAX already started in this process (set the keys before any JAX work, as
+        ``train.py`` does), or a process already joined with other settings.
     """
-    explicit = check_config(config)
-    address, num_processes, process_id = _settings(config)
+    explicit = settings.explicit
+    address, num_processes, process_id = (
+        settings.coordinator_address,
+        settings.num_processes,
+        settings.process_id,
+    )
     if jax.distributed.is_initialized():
         if explicit and (jax.process_count(), jax.process_index()) != (num_processes, process_id):
             raise ValueError(

@@ -21,13 +21,15 @@ run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import ml_collections
 import numpy as np
 
 from childtuning_trainer.tasks import Examples, Task
 from childtuning_trainer.tokenization import tokenize
+
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import DataSettings
 
 Batch = dict[str, np.ndarray]
 
@@ -85,12 +87,12 @@ def subset_indices(num_examples: int, max_samples: int, seed: int) -> np.ndarray
     return np.sort(chosen)
 
 
-def load_examples(config: ml_collections.ConfigDict, task: Task) -> tuple[Examples, list[Examples]]:
+def load_examples(settings: DataSettings, seed: int, task: Task) -> tuple[Examples, list[Examples]]:
     """Reads (and subsets) the task's training and dev examples, before any tokenisation."""
-    train, dev = task.load_splits(config.data_dir or None)
-    train = train.select(subset_indices(len(train), config.max_train_samples, config.seed))
-    if config.max_eval_samples > 0:
-        dev = [d.select(np.arange(min(len(d), config.max_eval_samples))) for d in dev]
+    train, dev = task.load_splits(settings.data_dir or None)
+    train = train.select(subset_indices(len(train), settings.max_train_samples, seed))
+    if settings.max_eval_samples > 0:
+        dev = [d.select(np.arange(min(len(d), settings.max_eval_samples))) for d in dev]
     return train, dev
 
 
@@ -235,32 +237,36 @@ def batch_lengths(features: Batch, order: np.ndarray, batch_size: int) -> np.nda
 
 
 def make_padding(
-    config: ml_collections.ConfigDict,
+    settings: DataSettings,
     tokenizer: Any,
     data: TaskData,
     batch_size: int,
+    *,
+    seed: int,
+    epochs: int,
 ) -> Padding:
-    """The run's :class:`Padding` from ``config.padding`` and the tokenizer's padding side.
+    """The run's :class:`Padding` from ``settings.padding`` and the tokenizer's padding side.
 
-    With ``config.max_buckets > 0`` the buckets are fitted to ``data``'s batches of
-    ``batch_size``: the training batches of every epoch (their order is known in advance) and the
-    dev batches.
+    With ``settings.max_buckets > 0`` the buckets are fitted to ``data``'s batches of
+    ``batch_size``: the training batches of every epoch (their order, from ``seed``, is known in
+    advance) and the dev batches.
     """
     side = getattr(tokenizer, "padding_side", "right")
-    if config.padding == "max_length":
-        return Padding((config.max_seq_length,), side)
-    if config.max_buckets <= 0:
-        return Padding(bucket_lengths(config.max_seq_length, config.bucket_multiple), side)
+    max_length = settings.max_seq_length
+    if settings.padding == "max_length":
+        return Padding((max_length,), side)
+    if settings.max_buckets <= 0:
+        return Padding(bucket_lengths(max_length, settings.bucket_multiple), side)
     lengths = [
-        batch_lengths(data.train, epoch_order(config.seed, e, data.num_train_examples), batch_size)
-        for e in range(config.num_train_epochs)
+        batch_lengths(data.train, epoch_order(seed, e, data.num_train_examples), batch_size)
+        for e in range(epochs)
     ]
     lengths += [batch_lengths(d, np.arange(len(d["labels"])), batch_size) for d in data.dev]
     buckets = fit_buckets(
         np.concatenate(lengths),
-        config.max_seq_length,
-        config.bucket_multiple,
-        config.max_buckets,
-        config.bucket_min_share,
+        max_length,
+        settings.bucket_multiple,
+        settings.max_buckets,
+        settings.bucket_min_share,
     )
     return Padding(buckets, side)

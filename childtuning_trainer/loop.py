@@ -1,76 +1,173 @@
 """The run: check the input, load data and model, (Fisher pass,) train, evaluate, checkpoint.
 
-``train_and_evaluate(config)`` is what ``train.py`` calls. Every other module supplies one piece:
-``config_checks``, ``tasks`` and ``input_pipeline`` (the data), ``objective`` (the loss),
-``recipe`` (optimizer chain and D's mask rule), ``steps`` and ``parallel`` (the mapped steps),
-``checkpoints`` and ``outputs`` (what is saved).
+``train_and_evaluate(config)`` is what ``train.py`` calls; it reads the config once, into
+:class:`~childtuning_trainer.settings.Settings`. Every other module supplies one piece:
+``run_setup`` (devices, data and model), ``tasks`` and ``input_pipeline`` (the data),
+``objective`` (the loss), ``optimizer_chain`` and ``mask_rules`` (D's child network), ``steps``
+and ``parallel`` (the mapped steps), ``progress``, ``checkpoints`` and ``outputs`` (what is
+carried and saved).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import transformers
-from flax import nnx
-from tqdm.auto import tqdm
 
 from childtuning_jax import template_child_mask, uniform_leaf_names
-from childtuning_jax.models import from_pretrained
 from childtuning_trainer import (
     checkpoints,
-    config_checks,
     distributed,
     extra_eval,
-    input_pipeline,
+    mask_rules,
+    optimizer_chain,
     outputs,
     parallel,
-    recipe,
-    regularizers,
     saved_model,
     steps,
 )
-from childtuning_trainer.objective import Model, make_objective
+from childtuning_trainer.progress import EpochClock, Progress
+from childtuning_trainer.run_setup import Run, prepare
+from childtuning_trainer.settings import Settings
 from childtuning_trainer.steps import TrainState
 from childtuning_trainer.tasks import Task
 from childtuning_trainer.tasks import metrics as task_metrics
 
-# config.dtype -> the models' compute dtype (parameters, optimizer state, Fisher and masks stay
-# float32 whatever it is).
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progress]:
+    """The state to start from (on the host), the optimizer, and the run's bookkeeping.
 
-def load_model(config: ml_collections.ConfigDict, task: Task) -> tuple[Model, Any]:
-    """Loads the checkpoint with a fresh head for ``task``; returns the split model and params.
-
-    ``config.dropout`` (unless ``None``) sets every dropout rate of the architecture, head
-    included (``childtuning_jax.models.dropout_overrides``).
+    With ``resume`` and a checkpoint: the checkpoint's state (ChildTuning-D's mask included) and
+    bookkeeping. Otherwise step 0, after the mask rule (the Fisher pass) for ChildTuning-D.
     """
-    module = from_pretrained(
-        config.model,
-        num_labels=task.num_labels,
-        seed=config.seed,
-        dropout=config.dropout,
-        dtype=COMPUTE_DTYPES[config.dtype],
+    if run.settings.outputs.resume:
+        restored = restore(run)
+        if restored is not None:
+            return restored
+    progress, params, mask = Progress(), run.params, None
+    if run.settings.child_tuning.mode == "D":
+        mask = select_child_network(run, progress)
+        if run.settings.child_tuning.prune:  # the pruning ablation: the child network alone
+            params = mask_rules.prune(params, mask)
+    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=mask)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, progress
+
+
+def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progress] | None:
+    """The newest checkpoint's state, the optimizer, and its bookkeeping, if there is one."""
+    saved_meta = checkpoints.restore_meta(run.manager)
+    if saved_meta is None:
+        return None
+    params = run.params
+    template_mask = template_child_mask(params, saved_meta.get("d_mask_uniform_leaves", []))
+    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=template_mask)
+    template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    restored = checkpoints.restore_checkpoint(run.manager, template)
+    if restored is None:
+        return None
+    state, meta = restored
+    checkpoints.check_resumable(run.settings, meta, run.global_batch)
+    progress = Progress.from_json(meta)
+    print(f"Resuming from step {progress.step} in {run.settings.outputs.output_dir}")
+    return state, tx, progress
+
+
+def select_child_network(run: Run, progress: Progress) -> Any:
+    """ChildTuning-D's mask by the run's rule (its Fisher pass timed), summarised in
+    ``mask_summary.json`` and in ``progress``."""
+    start = time.perf_counter()
+    mask, progress.fisher_source = mask_rules.child_mask(
+        run.settings,
+        run.objective,
+        run.params,
+        run.data,
+        run.devices,
+        architecture=run.model.architecture,
     )
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return Model(graphdef, rest, task.num_labels, module.config.to_json_string()), params
+    progress.fisher_time_s = time.perf_counter() - start
+    progress.d_mask_uniform_leaves = uniform_leaf_names(mask)
+    summary = mask_rules.mask_summary(mask, run.reserve_p)
+    progress.kept_fraction = summary["kept_fraction_encoder_layers"]
+    summary["fisher_time_s"] = progress.fisher_time_s
+    summary["fisher_source"] = progress.fisher_source
+    path = os.path.join(run.settings.outputs.output_dir, "mask_summary.json")
+    outputs.write_json(path, summary)
+    print(
+        f"Fisher information: {progress.fisher_time_s:.1f}s; child network keeps "
+        f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
+    )
+    return mask
 
 
-def has_dropout(config: ml_collections.ConfigDict) -> bool:
-    """False when ``config.dropout`` switches dropout off (then no dropout key is drawn)."""
-    return config.dropout is None or config.dropout > 0
+def save_checkpoint(run: Run, state: TrainState, progress: Progress, losses: list[float]) -> None:
+    """Saves the state with where the data stream stands (epoch e's order is
+    ``epoch_order(seed, e)``) and the losses since the last log line."""
+    epoch, batch = divmod(progress.step, run.steps_per_epoch)
+    progress.data_order = {"seed": run.settings.seed, "epoch": epoch, "batch": batch}
+    progress.interval_losses = losses
+    checkpoints.save_checkpoint(run.manager, state, progress.to_json())
+
+
+def evaluate_epoch(
+    run: Run, eval_step: Callable, state: TrainState, progress: Progress, epoch: int
+) -> dict[str, float]:
+    """The dev metrics after 0-based ``epoch``, timed and added to ``progress.history``."""
+    start = time.perf_counter()
+    metrics = steps.evaluate(eval_step, state.params, run.data, run.devices, run.global_batch)
+    progress.eval_time_s += time.perf_counter() - start
+    progress.history.append({"epoch": epoch + 1, "step": progress.step, "eval": metrics})
+    return metrics
+
+
+def train_loop(
+    run: Run, state: TrainState, tx: optax.GradientTransformation, progress: Progress
+) -> TrainState | None:
+    """Trains from ``progress.step`` to the end, evaluating and checkpointing on the way.
+
+    ``state`` is replicated over the devices; ``progress`` is updated in place. Returns the final
+    state, or ``None`` if ``stop_after_steps`` stopped the run.
+    """
+    outs, mode = run.settings.outputs, run.settings.child_tuning.mode
+    p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
+    log = outputs.TrainingLog(
+        outs.output_dir,
+        outs.tensorboard,
+        step=progress.step,
+        total_steps=run.total_steps,
+        desc=f"{run.task.name} {mode}",
+        interval_losses=progress.interval_losses,
+        kept_fraction={"vanilla": 1.0, "F": run.reserve_p}.get(mode, progress.kept_fraction),
+    )
+    while progress.step < run.total_steps:
+        epoch, start_batch = divmod(progress.step, run.steps_per_epoch)
+        clock = EpochClock(progress)
+        for batch in run.epoch_batches(epoch, start_batch):
+            batch = parallel.shard_batch(batch, run.devices)
+            state, metrics = p_train_step(state, batch, run.step_rng(progress.step))
+            progress.step += 1
+            step, learning_rate = progress.step, float(run.schedule(progress.step - 1))
+            log.step(float(metrics["loss"][0]), learning_rate)
+            if step % outs.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+                log.interval(step, epoch + 1, learning_rate, float(metrics["grad_norm"][0]))
+            if step == outs.stop_after_steps:
+                log.close()
+                return None
+            if step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
+                clock.lap()
+                save_checkpoint(run, state, progress, log.interval_losses)
+        progress.epoch_train_time_s.append(clock.lap())
+        if outs.eval_every_epoch or progress.step == run.total_steps:
+            metrics = evaluate_epoch(run, p_eval_step, state, progress, epoch)
+            log.evaluation(progress.step, epoch + 1, metrics)
+        save_checkpoint(run, state, progress, log.interval_losses)
+        log.restart(progress.step)  # the next interval does not count evaluation
+    log.close()
+    return state
 
 
 def best_epoch(history: list[dict], task: Task) -> dict:
@@ -79,251 +176,10 @@ def best_epoch(history: list[dict], task: Task) -> dict:
     return max(history, key=lambda h: (h["eval"][key], -h["epoch"]))
 
 
-@dataclasses.dataclass
-class Run:
-    """A checked configuration with its data, model, devices and step counts."""
-
-    config: ml_collections.ConfigDict
-    task: Task
-    reserve_p: float | None
-    devices: list[jax.Device]
-    data: input_pipeline.TaskData
-    model: Model
-    params: Any  # the initial parameters, on the host (dropped once on the devices)
-    manager: ocp.CheckpointManager
-    steps_per_epoch: int
-    total_steps: int
-    schedule: optax.Schedule
-    extra_sets: list[extra_eval.ExtraSet] = dataclasses.field(default_factory=list)
-
-    @property
-    def global_batch(self) -> int:
-        return self.config.per_device_batch_size * len(self.devices)
-
-    @property
-    def objective(self):
-        """The plain task loss (ChildTuning-D's Fisher pass uses it, whatever the regulariser)."""
-        return make_objective(self.model, self.task.is_regression)
-
-    @property
-    def regularizer(self) -> regularizers.Regularizer:
-        return regularizers.from_config(self.config)
-
-    @property
-    def train_objective(self):
-        """The train step's loss: the task loss, or the regulariser's wrapper of it."""
-        return regularizers.train_objective(
-            self.regularizer, self.model, self.task.is_regression, has_dropout(self.config)
-        )
-
-    def train_step(self, tx: optax.GradientTransformation) -> Callable:
-        """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``."""
-        step = regularizers.make_train_step(
-            self.regularizer, self.train_objective, tx, has_dropout(self.config)
-        )
-        return parallel.map_train_step(step, self.devices)
-
-    def eval_step(self) -> Callable:
-        return parallel.map_eval_step(steps.make_eval_step(self.model), self.devices)
-
-    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Epoch ``epoch``'s (0-based) training batches, from batch ``start_batch`` on."""
-        data = self.data
-        order = input_pipeline.epoch_order(self.config.seed, epoch, data.num_train_examples)
-        return input_pipeline.train_batches(
-            data.train, order, self.global_batch, start_batch, data.padding
-        )
-
-    @functools.cached_property
-    def _train_key(self) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.config.seed), 3)
-
-    def step_rng(self, step: int) -> jax.Array:
-        """The key of step ``step`` (0-based; dropout, mixout, R3F noise)."""
-        return jax.random.fold_in(self._train_key, step)
-
-
-def prepare(config: ml_collections.ConfigDict) -> Run:
-    """Checks everything that can be wrong with the input, then tokenises and loads the model."""
-    distributed.initialize(config)  # joins the other processes, before any JAX work
-    task = config_checks.check_config(config)
-    reserve_p = recipe.resolve_reserve_p(config.mode, task.name, config.reserve_p)
-    devices = parallel.select_devices(config.num_devices, config.parallelism)
-    train_examples, dev_examples = input_pipeline.load_examples(config, task)
-    extra_sets = extra_eval.load_sets(config.get("extra_eval", ""), task)
-    config_checks.check_model(config.model, task, config.max_seq_length)
-    os.makedirs(config.output_dir, exist_ok=True)
-    manager = checkpoints.checkpoint_manager(config)
-    if manager.latest_step() is not None and not config.resume:
-        raise ValueError(
-            f"{config.output_dir!r} already holds checkpoints; set --config.resume=true to "
-            "continue that run, or choose another output_dir."
-        )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
-    data = input_pipeline.tokenize_all(
-        train_examples, dev_examples, task, tokenizer, config.max_seq_length
-    )
-    extra_sets = extra_eval.tokenize_sets(extra_sets, tokenizer, config.max_seq_length)
-    global_batch = config.per_device_batch_size * len(devices)
-    padding = input_pipeline.make_padding(config, tokenizer, data, global_batch)
-    data = data._replace(padding=padding)
-    steps_per_epoch = input_pipeline.num_batches(data.num_train_examples, global_batch)
-    total_steps = steps_per_epoch * config.num_train_epochs
-    model, params = load_model(config, task)
-    schedule = recipe.learning_rate_schedule(config.learning_rate, config.warmup_ratio, total_steps)
-    return Run(
-        config,
-        task,
-        reserve_p,
-        devices,
-        data,
-        model,
-        params,
-        manager,
-        steps_per_epoch,
-        total_steps,
-        schedule,
-        extra_sets,
-    )
-
-
-def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, dict]:
-    """The state to start from (on the host), the optimizer, and the run's bookkeeping.
-
-    With ``resume`` and a checkpoint: the checkpoint's state (ChildTuning-D's mask included) and
-    bookkeeping. Otherwise step 0, after the mask rule (the Fisher pass) for ChildTuning-D.
-    """
-    config, params = run.config, run.params
-    saved_meta = checkpoints.restore_meta(run.manager) if config.resume else None
-    if saved_meta is not None:
-        uniform = saved_meta.get("d_mask_uniform_leaves", [])
-        template_mask = template_child_mask(params, uniform)
-        tx = recipe.optimizer_from_config(
-            config, params, run.schedule, run.reserve_p, mask=template_mask
-        )
-        template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-        restored = checkpoints.restore_checkpoint(run.manager, template)
-        if restored is not None:
-            state, meta = restored
-            checkpoints.check_resumable(config, meta, run.global_batch)
-            print(f"Resuming from step {meta['step']} in {config.output_dir}")
-            return state, tx, meta
-    meta = {"step": 0, "history": [], "fisher_time_s": None, "train_time_s": 0.0}
-    meta["eval_time_s"] = 0.0
-    mask = None
-    if config.mode == "D":
-        start = time.perf_counter()
-        mask, meta["fisher_source"] = recipe.child_mask(
-            config,
-            run.objective,
-            params,
-            run.data,
-            run.reserve_p,
-            run.devices,
-            architecture=run.model.architecture,
-        )
-        meta["fisher_time_s"] = time.perf_counter() - start
-        meta["d_mask_uniform_leaves"] = uniform_leaf_names(mask)
-        summary = recipe.mask_summary(mask, run.reserve_p)
-        meta["kept_fraction"] = summary["kept_fraction_encoder_layers"]
-        summary["fisher_time_s"] = meta["fisher_time_s"]
-        summary["fisher_source"] = meta["fisher_source"]
-        outputs.write_json(os.path.join(config.output_dir, "mask_summary.json"), summary)
-        print(
-            f"Fisher information: {meta['fisher_time_s']:.1f}s; child network keeps "
-            f"{summary['kept_fraction_encoder_layers']:.3f} of encoder-layer weights"
-        )
-        if config.prune:  # the pruning ablation: the model is the child network alone
-            params = recipe.prune(params, mask)
-    tx = recipe.optimizer_from_config(config, params, run.schedule, run.reserve_p, mask=mask)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, meta
-
-
-def train_loop(
-    run: Run, state: TrainState, tx: optax.GradientTransformation, meta: dict
-) -> TrainState | None:
-    """Trains from ``meta['step']`` to the end, evaluating and checkpointing on the way.
-
-    ``state`` is replicated over the devices; ``meta`` is updated in place. Returns the final
-    state, or ``None`` if ``config.stop_after_steps`` stopped the run.
-    """
-    config, data, devices = run.config, run.data, run.devices
-    p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
-    log = outputs.MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), meta["step"])
-    board = outputs.TensorBoard(
-        os.path.join(config.output_dir, "tensorboard"), config.tensorboard, meta["step"]
-    )
-    kept_fraction = {"vanilla": 1.0, "F": run.reserve_p}.get(config.mode, meta.get("kept_fraction"))
-    last_log = (meta["step"], time.perf_counter())
-    step = meta["step"]
-    interval_losses: list[float] = meta.pop("interval_losses", [])  # since the last log line
-    desc = f"{run.task.name} {config.mode}"
-    bar = tqdm(total=run.total_steps, initial=step, desc=desc, unit="step")
-
-    def checkpoint(step: int) -> None:
-        """Saves the state with where the data stream stands (epoch e's order is
-        ``epoch_order(seed, e)``) and the losses since the last log line."""
-        epoch, batch = divmod(step, run.steps_per_epoch)
-        order = {"seed": config.seed, "epoch": epoch, "batch": batch}
-        extra = {"step": step, "data_order": order, "interval_losses": interval_losses}
-        checkpoints.save_checkpoint(run.manager, state, {**meta, **extra})
-
-    while step < run.total_steps:
-        epoch, start_batch = divmod(step, run.steps_per_epoch)
-        start = time.perf_counter()
-        epoch_time = 0.0  # this epoch's training time in this process (compiles included)
-        for batch in run.epoch_batches(epoch, start_batch):
-            batch = parallel.shard_batch(batch, devices)
-            state, metrics = p_train_step(state, batch, run.step_rng(step))
-            step += 1
-            loss, lr = float(metrics["loss"][0]), float(run.schedule(step - 1))
-            interval_losses.append(loss)
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
-                record = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(interval_losses))}
-                record.update(learning_rate=lr, grad_norm=float(metrics["grad_norm"][0]))
-                log.write(record)
-                now = time.perf_counter()
-                scalars = {f"train/{k}": record[k] for k in ("loss", "learning_rate", "grad_norm")}
-                scalars["train/step_time_s"] = (now - last_log[1]) / (step - last_log[0])
-                if kept_fraction is not None:
-                    scalars["train/kept_fraction"] = kept_fraction
-                board.write(step, scalars)
-                last_log = (step, now)
-                interval_losses = []
-            if step == config.stop_after_steps:
-                bar.close()
-                board.close()
-                return None
-            if step % config.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
-                elapsed = time.perf_counter() - start
-                meta["train_time_s"] += elapsed
-                epoch_time += elapsed
-                start = time.perf_counter()
-                checkpoint(step)
-        elapsed = time.perf_counter() - start
-        meta["train_time_s"] += elapsed
-        meta.setdefault("epoch_train_time_s", []).append(epoch_time + elapsed)
-        if config.eval_every_epoch or step == run.total_steps:
-            start = time.perf_counter()
-            metrics = steps.evaluate(p_eval_step, state.params, data, devices, run.global_batch)
-            meta["eval_time_s"] += time.perf_counter() - start
-            meta["history"].append({"epoch": epoch + 1, "step": step, "eval": metrics})
-            log.write({"step": step, "epoch": epoch + 1, "eval": metrics})
-            board.write(step, {f"eval/{name}": value for name, value in metrics.items()})
-            bar.write(f"epoch {epoch + 1}: {json.dumps(metrics)}")
-        meta["step"] = step
-        checkpoint(step)
-        last_log = (step, time.perf_counter())  # the next interval does not count evaluation
-    bar.close()
-    board.close()
-    return state
-
-
-def results_of(run: Run, meta: dict) -> dict:
-    """The run's ``results.json``."""
-    config, task, history = run.config, run.task, meta["history"]
+def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
+    """The run's ``results.json`` (``extra``: the extra evaluation sets' scores)."""
+    run_settings, task, history = run.settings, run.task, progress.history
+    config = run_settings.config
     best = best_epoch(history, task)
     dev_sizes = zip(task.dev_sets, run.data.dev, strict=True)
     predictor, baseline = task_metrics.trivial_baseline(
@@ -331,30 +187,30 @@ def results_of(run: Run, meta: dict) -> dict:
     )
     return {
         "task": task.name,
-        "mode": config.mode,
+        "mode": run_settings.child_tuning.mode,
         "reserve_p": run.reserve_p,
-        "regularizer": run.regularizer.settings(),
-        "seed": config.seed,
-        "model": config.model,
+        "regularizer": run_settings.regularizer.settings(),
+        "seed": run_settings.seed,
+        "model": run_settings.model.name,
         "num_train_examples": run.data.num_train_examples,
         "num_dev_examples": {d.name: len(f["labels"]) for d, f in dev_sizes},
         "steps": run.total_steps,
-        "epochs": config.num_train_epochs,
+        "epochs": run_settings.num_train_epochs,
         "global_batch_size": run.global_batch,
         "num_devices": len(run.devices),
-        "max_seq_length": config.max_seq_length,
-        "learning_rate": config.learning_rate,
+        "max_seq_length": run_settings.data.max_seq_length,
+        "learning_rate": run_settings.optimizer.learning_rate,
         "eval": history[-1]["eval"],
         "best": {"epoch": best["epoch"], "metric": task.metrics[0], "eval": best["eval"]},
         "history": history,
         "baseline": {"predictor": predictor, "eval": baseline},
-        "extra_eval": meta.get("extra_eval", {}),
-        "fisher_time_s": meta["fisher_time_s"],
-        "fisher_source": meta.get("fisher_source"),
-        "train_time_s": meta["train_time_s"],
-        "epoch_train_time_s": meta.get("epoch_train_time_s", []),
-        "eval_time_s": meta["eval_time_s"],
-        "config": config.to_dict(),
+        "extra_eval": extra,
+        "fisher_time_s": progress.fisher_time_s,
+        "fisher_source": progress.fisher_source,
+        "train_time_s": progress.train_time_s,
+        "epoch_train_time_s": progress.epoch_train_time_s,
+        "eval_time_s": progress.eval_time_s,
+        "config": config,
     }
 
 
@@ -368,23 +224,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
       parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
     """
-    run = prepare(config)
-    host_state, tx, meta = initial_state(run)
-    meta.update(
-        config=config.to_dict(),
-        global_batch_size=run.global_batch,
-        num_devices=len(run.devices),
-        num_train_examples=run.data.num_train_examples,
-    )
+    run = prepare(Settings.from_config(config))
+    host_state, tx, progress = initial_state(run)
+    progress.config = run.settings.config
+    progress.global_batch_size = run.global_batch
+    progress.num_devices = len(run.devices)
+    progress.num_train_examples = run.data.num_train_examples
     state = parallel.replicate(host_state, run.devices)
     del host_state
     run.params = None  # the devices hold the parameters now
-    state = train_loop(run, state, tx, meta)
+    state = train_loop(run, state, tx, progress)
     run.manager.wait_until_finished()
     run.manager.close()
     if state is None:
         return None
-    meta["extra_eval"] = extra_eval.evaluate(
+    extra = extra_eval.evaluate(
         run.extra_sets,
         run.model,
         state.params,
@@ -393,9 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
         run.global_batch,
         run.data.padding,
     )
-    results = results_of(run, meta)
+    results = results_of(run, progress, extra)
     host_params = parallel.to_host(state.params)
-    if config.save_model and distributed.is_writer():
-        saved_model.save_params(config.output_dir, host_params)
-    outputs.write_json(os.path.join(config.output_dir, "results.json"), results)
+    output_dir = run.settings.outputs.output_dir
+    if run.settings.outputs.save_model and distributed.is_writer():
+        saved_model.save_params(output_dir, host_params)
+    outputs.write_json(os.path.join(output_dir, "results.json"), results)
     return results, host_params

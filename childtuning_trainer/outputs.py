@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: ``metrics.jsonl`` lines, TensorBoard scalars, JSON.
+"""What a run writes besides checkpoints: ``metrics.jsonl`` lines, TensorBoard scalars, JSON,
+and the progress bar (:class:`TrainingLog` drives all three during training).
 
 In a multi-process run only process 0 writes them (:func:`is_writer`); elsewhere they do nothing.
 Whole files are written to a temporary name and renamed, so a run killed at any moment leaves
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
+import numpy as np
 from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from childtuning_trainer.distributed import is_writer
 
@@ -92,3 +96,65 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class TrainingLog:
+    """The training loop's reporting: a ``metrics.jsonl`` line and TensorBoard scalars per
+    interval (the mean loss since the last line, the time per step), the progress bar, and each
+    evaluation.
+
+    ``interval_losses`` are the losses since the last line (a resumed run's, from its checkpoint);
+    ``kept_fraction`` (if known) is logged with every interval.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        tensorboard: bool,
+        *,
+        step: int,
+        total_steps: int,
+        desc: str,
+        interval_losses: list[float],
+        kept_fraction: float | None,
+    ):
+        self.metrics = MetricsLog(os.path.join(output_dir, "metrics.jsonl"), step)
+        self.board = TensorBoard(os.path.join(output_dir, "tensorboard"), tensorboard, step)
+        self.bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step")
+        self.interval_losses = interval_losses
+        self.kept_fraction = kept_fraction
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """The next interval's step time is counted from now (e.g. not counting evaluation)."""
+        self.last = (step, time.perf_counter())
+
+    def step(self, loss: float, learning_rate: float) -> None:
+        """One training step done."""
+        self.interval_losses.append(loss)
+        self.bar.update()
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+
+    def interval(self, step: int, epoch: int, learning_rate: float, grad_norm: float) -> None:
+        """Writes the line of the interval ending at ``step`` (of 1-based ``epoch``)."""
+        record = {"step": step, "epoch": epoch, "loss": float(np.mean(self.interval_losses))}
+        record.update(learning_rate=learning_rate, grad_norm=grad_norm)
+        self.metrics.write(record)
+        now = time.perf_counter()
+        scalars = {f"train/{k}": record[k] for k in ("loss", "learning_rate", "grad_norm")}
+        scalars["train/step_time_s"] = (now - self.last[1]) / (step - self.last[0])
+        if self.kept_fraction is not None:
+            scalars["train/kept_fraction"] = self.kept_fraction
+        self.board.write(step, scalars)
+        self.last = (step, now)
+        self.interval_losses = []
+
+    def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """Writes the dev metrics after 1-based ``epoch``."""
+        self.metrics.write({"step": step, "epoch": epoch, "eval": metrics})
+        self.board.write(step, {f"eval/{name}": value for name, value in metrics.items()})
+        self.bar.write(f"epoch {epoch}: {json.dumps(metrics)}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.board.close()

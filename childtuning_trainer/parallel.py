@@ -29,8 +29,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from childtuning_jax import parallel as placement
-
 AXIS = "devices"  # the per-device step's axis name (pmap's axis; the vmapped axis under jit)
 DATA_AXIS = "data"  # the mesh axis the batch is sharded over (jit)
 MESH_AXES = (DATA_AXIS,)
@@ -106,6 +104,28 @@ def select_devices(num_devices: int, parallelism: str = "pmap") -> Layout:
     return Layout(parallelism, tuple(devices))
 
 
+def _stacked(devices: Sequence[jax.Device]) -> NamedSharding:
+    """``pmap``'s placement: an array's leading axis split over ``devices``, one slice each."""
+    return NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+
+
+def _replicate_stacked(tree: Any, devices: Sequence[jax.Device]) -> Any:
+    """One copy of every leaf per device, stacked: ``x`` becomes ``(len(devices), *x.shape)``.
+
+    Each device receives its own copy directly; no stacked copy is built on one device first.
+    """
+    sharding = _stacked(devices)
+
+    def put(leaf: Any) -> jax.Array:
+        leaf = jax.numpy.asarray(leaf)
+        shards = [jax.device_put(leaf[None], device) for device in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *leaf.shape), sharding, shards
+        )
+
+    return jax.tree.map(put, tree)
+
+
 def state_sharding(layout: Layout, tree: Any) -> Any:
     """The ``jit`` layout's sharding of every state leaf: replicated (a model axis would go
     here)."""
@@ -117,7 +137,7 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | Layout) -> Any:
     one replicated global array per leaf (``jit``)."""
     layout = as_layout(devices)
     if layout.kind == "pmap":
-        return placement.replicate(tree, layout.local_devices)
+        return _replicate_stacked(tree, layout.local_devices)
 
     def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
         value = np.asarray(leaf)
@@ -143,12 +163,14 @@ def shard_batch(batch: Any, devices: Sequence[jax.Device] | Layout) -> Any:
         return leaf[offset * rows : (offset + len(local)) * rows]
 
     shares = jax.tree.map(share, batch)
+    stack = lambda leaf: leaf.reshape(len(local), -1, *leaf.shape[1:])
     if layout.kind == "pmap":
-        return placement.shard(shares, local)
+        sharding = _stacked(local)
+        return jax.tree.map(lambda leaf: jax.device_put(stack(leaf), sharding), shares)
     sharding = layout.sharding(SHARDED)
 
     def put(leaf: np.ndarray) -> jax.Array:
-        stacked = leaf.reshape(len(local), -1, *leaf.shape[1:])
+        stacked = stack(leaf)
         global_shape = (len(layout), *stacked.shape[1:])
         return jax.make_array_from_process_local_data(sharding, stacked, global_shape)
 

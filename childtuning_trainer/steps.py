@@ -1,8 +1,9 @@
 """The train, eval and Fisher steps, written per device and mapped over the data axis by the
-caller (:mod:`childtuning_trainer.parallel`)."""
+caller (:mod:`childtuning_trainer.parallel`); the Fisher step is the library's."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -11,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from childtuning_jax import leaf_names
-from childtuning_jax.fisher import clip_leaf_norm
+from childtuning_jax import fisher_mean, fisher_step
 from childtuning_trainer import distributed, input_pipeline, parallel
 from childtuning_trainer.objective import Model, Objective
 from childtuning_trainer.tasks import metrics as task_metrics
@@ -101,30 +101,19 @@ def evaluate(
     return metrics
 
 
-def make_fisher_step(
-    loss_fn: Callable, max_grad_norm: float | None, has_rng: bool, axis_name: str = parallel.AXIS
+@functools.lru_cache(maxsize=4)
+def _mapped_fisher_step(
+    loss_fn: Callable, max_grad_norm: float | None, layout: parallel.Layout
 ) -> Callable:
-    """``step(acc, params, batch, rng) -> acc + squared gradients``, run per device.
-
-    The rule of ``childtuning_jax.fisher_information`` (the official code's): the gradient of the
-    batch's loss averaged over the devices, each leaf clipped to ``max_grad_norm`` on its own,
-    squared in float32. Each device folds its index into ``rng`` (dropout, as in training).
-    """
-    grad_fn = jax.grad(loss_fn)
-
-    def step(acc: Any, params: Any, batch: dict, rng: jax.Array) -> Any:
-        if has_rng:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        grads = jax.lax.pmean(grad_fn(params, batch, rng if has_rng else None), axis_name)
-
-        def square(grad: jax.Array) -> jax.Array:
-            if max_grad_norm is not None:
-                grad = clip_leaf_norm(grad, max_grad_norm)
-            return jnp.square(grad.astype(jnp.float32))
-
-        return jax.tree.map(lambda a, g: a + square(g), acc, grads)
-
-    return step
+    """The library's Fisher step mapped over ``layout`` (cached: a second pass with the same
+    ``loss_fn`` reuses its compilation)."""
+    return parallel.map_step(
+        fisher_step(loss_fn, max_grad_norm=max_grad_norm, axis_name=parallel.AXIS),
+        layout,
+        (parallel.REPLICATED, parallel.REPLICATED, parallel.SHARDED, parallel.SHARED),
+        parallel.REPLICATED,
+        donate_argnums=(0,),
+    )
 
 
 def fisher_information(
@@ -138,37 +127,25 @@ def fisher_information(
 ) -> Any:
     """``childtuning_jax.fisher_information`` over the run's devices, every process's included.
 
+    The library's :func:`~childtuning_jax.fisher_step` (official rule) mapped over the layout:
+    each device's gradient of its share, averaged over the devices, clipped and squared; batch
+    ``i``'s key is ``fold_in(rng, i)``, each device folding in its index (dropout, as in training).
     ``batches`` are global batches (every process iterates the same ones; each places its share).
     The sum is one reduction over all devices, and process 0's copy is the result everywhere, so
     every process selects the same mask. Returns host (numpy) float32 arrays.
     """
-    step = parallel.map_step(
-        make_fisher_step(loss_fn, max_grad_norm, rng is not None),
-        devices,
-        (parallel.REPLICATED, parallel.REPLICATED, parallel.SHARDED, parallel.SHARED),
-        parallel.REPLICATED,
-        donate_argnums=(0,),
-    )
+    step = _mapped_fisher_step(loss_fn, max_grad_norm, parallel.as_layout(devices))
     acc = parallel.replicate(
         jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params), devices
     )
     replicated_params = parallel.replicate(params, devices)
     count = 0
     for index, batch in enumerate(batches):
-        batch_rng = jax.random.PRNGKey(0) if rng is None else jax.random.fold_in(rng, index)
+        batch_rng = None if rng is None else jax.random.fold_in(rng, index)
         acc = step(acc, replicated_params, parallel.shard_batch(batch, devices), batch_rng)
         count += 1
-    if count == 0:
-        raise ValueError("batches is empty: the Fisher information needs at least one batch")
-    fisher = distributed.broadcast(parallel.to_host(acc))
+    total = distributed.broadcast(parallel.to_host(acc))
     # Divided by XLA, as the library divides (its float32 division can differ from numpy's in
     # the last bit), so the pmap layout gives the library's values exactly.
-    fisher = jax.tree.map(lambda x: np.asarray(jnp.asarray(x) / count), fisher)
-    finite = jax.tree.map(lambda x: bool(np.isfinite(x).all()), fisher)
-    for name, ok in zip(leaf_names(finite), jax.tree.leaves(finite), strict=True):
-        if not ok:
-            raise FloatingPointError(
-                f"Fisher information of '{name}' is not finite (NaN or inf gradients); "
-                "check the loss and the inputs"
-            )
-    return fisher
+    fisher = fisher_mean(jax.tree.map(jnp.asarray, total), count)
+    return jax.tree.map(np.asarray, fisher)

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Child-Tuning.
     config.mode = "D"  # vanilla | F | D
     config.reserve_p = config_dict.placeholder(float)  # None: the authors' value for the task
-    # ChildTuning-D's mask (childtuning_trainer.recipe.MASK_RULES): fisher (official) |
+    # ChildTuning-D's mask (childtuning_trainer.mask_rules.MASK_RULES): fisher (official) |
     # lowest_fisher | random (the paper's ablations, same kept fraction)
     config.mask_rule = "fisher"
     config.fisher_max_train_samples = 0  # > 0: estimate the Fisher information on fewer examples
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     # paper's pruning ablation), then fine-tune the child network as D does.
     config.prune = False
 
-    # Comparison regularisers (childtuning_trainer.regularizers), combinable with every mode:
+    # Comparison regularisers (childtuning_trainer.regularization), combinable with every mode:
     # none | decay_to_pretrained | top_k | mixout | recadam | r3f. Anchors: the params at step 0.
     config.regularizer = "none"
     # decay_to_pretrained (L2-SP, Li et al. 2018): c * (w - w0) on every leaf but the classifier.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from childtuning_jax import fisher_mask, leaf_names
-from childtuning_trainer import recipe, saved_model
+from childtuning_trainer import mask_rules, saved_model
 from childtuning_trainer.experiments import (
     plots,
     probe,
@@ -504,8 +504,8 @@ def test_random_and_lowest_fisher_masks_keep_as_many_as_the_fisher_mask():
     params = jax.tree.map(jnp.asarray, _tree(1))
     for p in (0.1, 0.3, 0.5):
         top = fisher_mask(fisher, p)
-        low = recipe.lowest_fisher_mask(fisher, p)
-        rand = fisher_mask(recipe.random_scores(params, seed=3), p)
+        low = mask_rules.lowest_fisher_mask(fisher, p)
+        rand = fisher_mask(mask_rules.random_scores(params, seed=3), p)
         count = lambda m: int(
             sum(np.sum(m["encoder"]["layer"]["0"][k]) for k in ("kernel", "bias"))
         )
@@ -528,8 +528,8 @@ def test_random_and_lowest_fisher_masks_keep_as_many_as_the_fisher_mask():
         )
         assert not np.any(kept_low & kept_top)
     # a different seed draws a different random child network of the same size
-    a = fisher_mask(recipe.random_scores(params, seed=3), 0.3)
-    b = fisher_mask(recipe.random_scores(params, seed=4), 0.3)
+    a = fisher_mask(mask_rules.random_scores(params, seed=3), 0.3)
+    b = fisher_mask(mask_rules.random_scores(params, seed=4), 0.3)
     assert not np.array_equal(
         a["encoder"]["layer"]["0"]["kernel"], b["encoder"]["layer"]["0"]["kernel"]
     )
@@ -538,7 +538,7 @@ def test_random_and_lowest_fisher_masks_keep_as_many_as_the_fisher_mask():
 def test_prune_zeroes_exactly_the_parameters_outside_the_child_network():
     params = jax.tree.map(jnp.asarray, _tree(1))
     mask = fisher_mask(jax.tree.map(jnp.asarray, _tree(0)), 0.3)
-    pruned = recipe.prune(params, mask)
+    pruned = mask_rules.prune(params, mask)
     for name, p, m, q in zip(
         leaf_names(params),
         jax.tree.leaves(params),

@@ -63,7 +63,7 @@ def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
 
 def test_source_digest_covers_training_code_only():
     root = pathlib.Path(childtuning_trainer.__file__).parent
-    assert (root / "experiments" / "report.py").exists() and (root / "recipe.py").exists()
+    assert (root / "experiments" / "protocol_reports.py").exists() and (root / "optimizer_chain.py").exists()
     # A training run never imports the experiments package (what the digest leaves out).
     code = (
         "import sys, train; from childtuning_trainer import loop; "
@@ -90,7 +90,7 @@ def test_source_digest_is_read_at_import(tmp_path):
         "from childtuning_trainer import fisher_cache as c; print(c.source_digest(), c.__file__)"
     )
     edit = (
-        "import pathlib; p = pathlib.Path('childtuning_trainer/recipe.py'); "
+        "import pathlib; p = pathlib.Path('childtuning_trainer/optimizer_chain.py'); "
         "p.write_text(p.read_text() + '# edited\\n'); "
     )
 

@@ -16,6 +16,7 @@ from flax import serialization
 
 from childtuning_jax import fisher_information
 from childtuning_trainer import distributed, loop, outputs, parallel, steps
+from childtuning_trainer.settings import parallelism_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, GLOBAL_BATCH = 16, 8  # two steps of one epoch
@@ -213,11 +214,11 @@ def test_distributed_keys_are_checked(keys, message, base_config):
     config.update(keys)
     jax.devices()  # JAX has started in this process
     with pytest.raises(ValueError, match=message):
-        distributed.initialize(config)
+        distributed.initialize(parallelism_settings(config))
 
 
 def test_distributed_without_keys_is_one_process(base_config):
-    distributed.initialize(base_config())
+    distributed.initialize(parallelism_settings(base_config()))
     assert jax.process_count() == 1 and distributed.is_writer()
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
-from childtuning_trainer import config_checks, extra_eval, input_pipeline, loop
+from childtuning_trainer import extra_eval, input_pipeline, loop, run_setup, settings
 from childtuning_trainer.tasks import DataError, get_task, nli
 
 
@@ -88,7 +88,7 @@ def test_fixed_split_is_disjoint_covers_the_file_and_ignores_the_run_seed(
     def run_split(seed):
         config = base_config()
         config.update(task=name, data_dir=nli_dir, seed=seed, max_train_samples=500)
-        return input_pipeline.load_examples(config, get_task(name))
+        return input_pipeline.load_examples(settings.data_settings(config), seed, get_task(name))
 
     (train_1, (dev_1,)), (train_2, (dev_2,)) = run_split(1), run_split(2)
     assert dev_1.text_b == dev_2.text_b == dev.text_b
@@ -204,17 +204,17 @@ def test_spec_parsing_and_config_checks(tmp_path, base_config):
     config.update(output_dir=str(tmp_path), extra_eval="x=/nonexistent.jsonl")
     for task in ("rte", "qnli", "mnli", "snli", "mnli_m", "sick"):
         config.task = task
-        config_checks.check_config(config)
+        settings.Settings.from_config(config)
     config.task = "cola"
     with pytest.raises(ValueError, match="extra_eval needs an NLI task.*'cola'"):
-        config_checks.check_config(config)
+        settings.Settings.from_config(config)
 
 
 def test_bad_extra_sets_stop_before_the_model_is_loaded(tmp_path, monkeypatch, base_config):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(loop, "load_model", fail)
+    monkeypatch.setattr(run_setup, "load_model", fail)
     (tmp_path / "snli").mkdir()
     for split in ("train", "dev"):
         _jsonl(tmp_path / "snli" / f"{split}.jsonl", THREE_WAY)
@@ -267,7 +267,9 @@ def test_extra_sets_are_scored_after_training_and_on_a_finished_run(
     assert saved == results["extra_eval"]
     assert {name: s["num_examples"] for name, s in saved.items()} == {"mnli_like": 5, "rte_like": 3}
 
-    model, _ = loop.load_model(config, get_task("rte"))
+    model, _ = run_setup.load_model(
+        settings.Settings.from_config(config).model, get_task("rte"), config.seed
+    )
     logits_of = jax.jit(lambda params, batch: model.apply(params, batch, dropout_rng=None))
     for name, path in (("mnli_like", three), ("rte_like", two)):
         examples, labels = nli.read_jsonl(path)

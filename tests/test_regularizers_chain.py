@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import childtuning_jax as ct
-from childtuning_jax import parallel
+from childtuning_trainer import parallel
 
 LR = 1e-2
 

@@ -13,7 +13,8 @@ import pytest
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import from_pretrained
-from childtuning_trainer import loop, recipe, tasks
+from childtuning_trainer import loop, mask_rules, run_setup, tasks
+from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.needs_glue
@@ -212,9 +213,9 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir, make_confi
     for changed in ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1}):
         config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
-        run = loop.prepare(config)
-        computed = recipe.fisher_pass(
-            config,
+        run = run_setup.prepare(Settings.from_config(config))
+        computed = mask_rules.fisher_pass(
+            run.settings,
             run.objective,
             run.params,
             run.data,
@@ -236,7 +237,7 @@ def no_compute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(loop, "load_model", fail)
+    monkeypatch.setattr(run_setup, "load_model", fail)
 
 
 def _glue_copy(root, train_rows):
@@ -387,8 +388,10 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir, make_conf
             log_every_steps=3,
             dtype=dtype,
         )
-        run = loop.prepare(config)
-        fisher = recipe.fisher_pass(config, run.objective, run.params, run.data, run.devices).fisher
+        run = run_setup.prepare(Settings.from_config(config))
+        fisher = mask_rules.fisher_pass(
+            run.settings, run.objective, run.params, run.data, run.devices
+        ).fisher
         masks[dtype] = fisher_mask(fisher, 0.3)
         run.manager.close()
         outcomes[dtype] = loop.train_and_evaluate(config)

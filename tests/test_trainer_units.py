@@ -8,7 +8,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,8 +15,16 @@ from tiny_models import tiny_model
 
 from childtuning_jax import leaf_names
 from childtuning_jax.task_driven import child_tuning_d, template_child_mask, uniform_leaf_names
-from childtuning_trainer import checkpoints, config_checks, input_pipeline, recipe, steps, tasks
+from childtuning_trainer import (
+    checkpoints,
+    input_pipeline,
+    optimizer_chain,
+    settings,
+    steps,
+    tasks,
+)
 from childtuning_trainer.objective import example_losses, make_objective
+from childtuning_trainer.progress import Progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,16 +53,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
 def test_config_checks_name_the_bad_setting(overrides, message, base_config):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_config(base_config(**overrides))
+        settings.Settings.from_config(base_config(**overrides))
 
 
 def test_config_checks_return_the_task_and_authors_reserve_p(base_config):
-    assert config_checks.check_config(base_config(task="MRPC")).name == "mrpc"
-    assert recipe.resolve_reserve_p("F", "mrpc", None) == 0.4
-    assert recipe.resolve_reserve_p("D", "mrpc", None) == 0.1
-    assert recipe.resolve_reserve_p("D", "qnli", None) == recipe.DEFAULT_RESERVE_P
-    assert recipe.resolve_reserve_p("F", "rte", 0.7) == 0.7
-    assert recipe.resolve_reserve_p("vanilla", "rte", 0.7) is None
+    assert settings.Settings.from_config(base_config(task="MRPC")).task.name == "mrpc"
+    assert optimizer_chain.resolve_reserve_p("F", "mrpc", None) == 0.4
+    assert optimizer_chain.resolve_reserve_p("D", "mrpc", None) == 0.1
+    assert optimizer_chain.resolve_reserve_p("D", "qnli", None) == optimizer_chain.DEFAULT_RESERVE_P
+    assert optimizer_chain.resolve_reserve_p("F", "rte", 0.7) == 0.7
+    assert optimizer_chain.resolve_reserve_p("vanilla", "rte", 0.7) is None
 
 
 def test_task_registry_refuses_a_second_task_of_the_same_name():
@@ -66,7 +73,7 @@ def test_task_registry_refuses_a_second_task_of_the_same_name():
 
 
 def test_learning_rate_schedule_matches_the_official_one():
-    schedule = recipe.learning_rate_schedule(1.0, 0.1, 95)  # warm-up: ceil(9.5) = 10 steps
+    schedule = optimizer_chain.learning_rate_schedule(1.0, 0.1, 95)  # warm-up: ceil(9.5) = 10 steps
     # transformers.get_linear_schedule_with_warmup, applied to update `step` (0-based).
     official = lambda s: s / 10 if s < 10 else max(0.0, (95 - s) / 85)
     got = [float(schedule(s)) for s in range(96)]
@@ -75,7 +82,9 @@ def test_learning_rate_schedule_matches_the_official_one():
 
 def test_weight_decay_spares_biases_and_layer_norms():
     _, params = tiny_model()
-    names = dict(zip(leaf_names(params), jax.tree.leaves(recipe.decay_mask(params)), strict=True))
+    names = dict(
+        zip(leaf_names(params), jax.tree.leaves(optimizer_chain.decay_mask(params)), strict=True)
+    )
     assert names["bert/encoder/layer/0/attention/self/query/kernel"]
     assert names["bert/embeddings/word_embeddings/embedding"]
     assert names["classifier/kernel"]
@@ -84,7 +93,7 @@ def test_weight_decay_spares_biases_and_layer_norms():
     assert not names["bert/encoder/layer/1/output/LayerNorm/bias"]
 
 
-@pytest.mark.parametrize("mode", recipe.MODES)
+@pytest.mark.parametrize("mode", optimizer_chain.MODES)
 def test_recipe_chain_is_clip_then_child_then_adamw(mode):
     """With every gradient beyond the clip norm, one step of the recipe equals clip, then the
     Child-Tuning transform alone, then hf_adamw alone."""
@@ -94,15 +103,19 @@ def test_recipe_chain_is_clip_then_child_then_adamw(mode):
     )
     mask = {"layer": {"w": np.eye(4, 3, dtype=bool)}, "head": {"bias": np.ones(3, bool)}}
     key = jax.random.key(3)
-    settings = recipe.OptimizerSettings(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0)
-    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
-    tx = recipe.make_optimizer(child, params, settings)
+    settings = optimizer_chain.OptimizerSettings(
+        learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0
+    )
+    child = optimizer_chain.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    tx = optimizer_chain.make_optimizer(child, params, settings)
     got, _ = tx.update(grads, tx.init(params), params)
 
     clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
-    child = recipe.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
+    child = optimizer_chain.child_transform(mode, reserve_p=0.5, key=key, mask=mask)
     masked, _ = child.update(clipped, child.init(params), params)
-    adamw = recipe.OPTIMIZERS["hf_adamw"](0.1, weight_decay=0.5, mask=recipe.decay_mask(params))
+    adamw = optimizer_chain.OPTIMIZERS["hf_adamw"](
+        0.1, weight_decay=0.5, mask=optimizer_chain.decay_mask(params)
+    )
     expected, _ = adamw.update(masked, adamw.init(params), params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -112,9 +125,9 @@ def test_recipe_chain_is_clip_then_child_then_adamw(mode):
 
 def test_child_transform_needs_its_inputs():
     with pytest.raises(ValueError, match="mode 'D' needs a mask"):
-        recipe.child_transform("D")
+        optimizer_chain.child_transform("D")
     with pytest.raises(ValueError, match="mode 'F' needs reserve_p and a key"):
-        recipe.child_transform("F", reserve_p=0.3)
+        optimizer_chain.child_transform("F", reserve_p=0.3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +237,17 @@ def test_fitted_buckets_skip_rare_lengths_and_always_end_at_the_maximum():
     assert input_pipeline.fit_buckets(np.array([10, 20, 30]), 128, 8, 3) == (16, 24, 32, 128)
 
 
-def test_make_padding_fits_buckets_to_the_training_and_dev_batches():
-    config = ml_collections.ConfigDict(
-        dict(padding="bucket", max_seq_length=64, bucket_multiple=8, max_buckets=2)
-    )
+def test_make_padding_fits_buckets_to_the_training_and_dev_batches(base_config):
+    config = base_config(padding="bucket", max_seq_length=64, bucket_multiple=8, max_buckets=2)
     config.update(bucket_min_share=0.0, seed=0, num_train_epochs=2)
     train, dev = _padded([5, 6, 7, 30, 31, 6], 64, "right"), _padded([4, 40], 64, "right")
     data = input_pipeline.TaskData(None, train, [dev])
-    padding = input_pipeline.make_padding(config, None, data, batch_size=2)
+
+    def make_padding(batch_size):
+        data_settings = settings.data_settings(config)
+        return input_pipeline.make_padding(data_settings, None, data, batch_size, seed=0, epochs=2)
+
+    padding = make_padding(batch_size=2)
     lengths = np.concatenate(
         [
             input_pipeline.batch_lengths(train, input_pipeline.epoch_order(0, e, 6), 2)
@@ -242,9 +258,9 @@ def test_make_padding_fits_buckets_to_the_training_and_dev_batches():
     assert padding.buckets == input_pipeline.fit_buckets(lengths, 64, 8, 2)
     assert padding.buckets[-1] == 64 and 40 in padding.buckets
     config.max_buckets = 0  # every multiple
-    assert input_pipeline.make_padding(config, None, data, 2).buckets == tuple(range(8, 65, 8))
+    assert make_padding(2).buckets == tuple(range(8, 65, 8))
     config.padding = "max_length"
-    assert input_pipeline.make_padding(config, None, data, 2).buckets == (64,)
+    assert make_padding(2).buckets == (64,)
 
 
 def _padded(lengths, total, side):
@@ -352,10 +368,12 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path, ba
         for n, m in zip(names, jax.tree.leaves(mask), strict=True)
     ]
     mask = jax.tree.unflatten(jax.tree.structure(mask), leaves)
-    tx = recipe.make_optimizer(child_tuning_d(mask), params, recipe.OptimizerSettings())
+    tx = optimizer_chain.make_optimizer(
+        child_tuning_d(mask), params, optimizer_chain.OptimizerSettings()
+    )
     state = steps.TrainState(jnp.array(3, jnp.int32), params, tx.init(params))
     config = base_config(output_dir=str(tmp_path), keep_checkpoints=2)
-    manager = checkpoints.checkpoint_manager(config)
+    manager = checkpoints.checkpoint_manager(settings.output_settings(config))
     replicated = jax.tree.map(lambda x: np.asarray(x)[None], state)  # one device
     meta = {"step": 3, "d_mask_uniform_leaves": uniform_leaf_names(mask), "config": {}}
     checkpoints.save_checkpoint(manager, replicated, meta)
@@ -364,10 +382,10 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path, ba
     assert (
         checkpoints.restore_meta(manager)["d_mask_uniform_leaves"] == meta["d_mask_uniform_leaves"]
     )
-    template_tx = recipe.make_optimizer(
+    template_tx = optimizer_chain.make_optimizer(
         child_tuning_d(template_child_mask(params, meta["d_mask_uniform_leaves"])),
         params,
-        recipe.OptimizerSettings(),
+        optimizer_chain.OptimizerSettings(),
     )
     template = steps.TrainState(jnp.zeros((), jnp.int32), params, template_tx.init(params))
     restored, restored_meta = checkpoints.restore_checkpoint(manager, template)
@@ -380,12 +398,13 @@ def test_checkpoint_round_trip_restores_a_d_state_from_its_template(tmp_path, ba
 def test_resume_is_refused_when_a_setting_differs(base_config):
     config = base_config(learning_rate=1e-3)
     meta = {"config": dict(config.to_dict(), learning_rate=2e-3), "global_batch_size": 16}
+    run_settings = settings.Settings.from_config(config)
     with pytest.raises(ValueError, match="checkpoint has learning_rate=0.002"):
-        checkpoints.check_resumable(config, meta, 16)
+        checkpoints.check_resumable(run_settings, meta, 16)
     meta["config"]["learning_rate"] = 1e-3
     with pytest.raises(ValueError, match="global batch 16 there, 32 here"):
-        checkpoints.check_resumable(config, meta, 32)
-    checkpoints.check_resumable(config, meta, 16)
+        checkpoints.check_resumable(run_settings, meta, 32)
+    checkpoints.check_resumable(run_settings, meta, 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +450,57 @@ def test_trivial_baseline_is_the_majority_class_or_a_constant():
     assert "training mean 2.5" in what and scores == {"pearson": 0.0, "spearmanr": 0.0}
 
 
+def test_progress_reads_and_writes_the_checkpoint_meta_of_earlier_runs():
+    """A checkpoint's JSON as the loop wrote it before Progress (a D run after its first epoch, a
+    vanilla run mid-epoch) reads back and writes out unchanged, key order included."""
+    config = {"task": "rte", "mode": "D"}
+    d_meta = {
+        "step": 2,
+        "history": [{"epoch": 1, "step": 2, "eval": {"accuracy": 0.375}}],
+        "fisher_time_s": 38.2,
+        "train_time_s": 96.0,
+        "eval_time_s": 22.3,
+        "fisher_source": "computed",
+        "d_mask_uniform_leaves": ["classifier/bias", "classifier/kernel"],
+        "kept_fraction": 0.3,
+        "config": config,
+        "global_batch_size": 16,
+        "num_devices": 1,
+        "num_train_examples": 32,
+        "epoch_train_time_s": [96.0],
+        "data_order": {"seed": 42, "epoch": 1, "batch": 0},
+        "interval_losses": [],
+    }
+    vanilla_meta = {
+        "step": 3,
+        "history": [],
+        "fisher_time_s": None,
+        "train_time_s": 1.5,
+        "eval_time_s": 0.0,
+        "config": dict(config, mode="vanilla"),
+        "global_batch_size": 16,
+        "num_devices": 1,
+        "num_train_examples": 64,
+        "data_order": {"seed": 42, "epoch": 0, "batch": 3},
+        "interval_losses": [0.7, 0.69, 0.71],
+    }
+    for meta in (d_meta, vanilla_meta):
+        progress = Progress.from_json(meta)
+        assert progress.step == meta["step"] and progress.interval_losses == meta["interval_losses"]
+        assert list(progress.to_json().items()) == list(meta.items())
+    assert Progress.from_json(vanilla_meta).epoch_train_time_s == []
+    assert Progress.from_json(vanilla_meta).d_mask_uniform_leaves is None
+
+
 def test_checkpoint_of_a_d_state_with_only_uniform_leaves(tmp_path, base_config):
     """reserve_p = 1 keeps every weight: no mixed leaf, yet the state still checkpoints."""
     params = {"layer": {"w": np.ones((3, 2), np.float32)}, "head": np.ones(2, np.float32)}
     mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     tx = child_tuning_d(mask)
     state = steps.TrainState(jnp.array(1, jnp.int32), params, tx.init(params))
-    manager = checkpoints.checkpoint_manager(base_config(output_dir=str(tmp_path)))
+    manager = checkpoints.checkpoint_manager(
+        settings.output_settings(base_config(output_dir=str(tmp_path)))
+    )
     checkpoints.save_checkpoint(
         manager, jax.tree.map(lambda x: np.asarray(x)[None], state), {"step": 1}
     )

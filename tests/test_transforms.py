@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import childtuning_jax as ct
-from childtuning_jax import leaf_layout, parallel
+from childtuning_jax import leaf_layout
+from childtuning_trainer import parallel
 
 
 def _params():

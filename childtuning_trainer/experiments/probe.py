@@ -24,7 +24,7 @@ import transformers
 from flax import nnx
 
 from childtuning_jax.models import from_pretrained
-from childtuning_trainer import input_pipeline, recipe, saved_model, tasks
+from childtuning_trainer import input_pipeline, optimizer_chain, saved_model, tasks
 from childtuning_trainer.experiments import runner, store
 from childtuning_trainer.experiments.protocols import (
     PRETRAINED,
@@ -99,7 +99,7 @@ def train_head(
     }
     steps_per_epoch = input_pipeline.num_batches(len(train_x), batch_size)
     total = steps_per_epoch * num_train_epochs
-    schedule = recipe.learning_rate_schedule(learning_rate, warmup_ratio, total)
+    schedule = optimizer_chain.learning_rate_schedule(learning_rate, warmup_ratio, total)
     tx = optax.adamw(schedule, weight_decay=weight_decay)
     opt_state = tx.init(head)
     labels = train_y.astype(np.float32 if task.is_regression else np.int32)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from childtuning_trainer.experiments.store import REPORTS_DIR, RunSpec
-from childtuning_trainer.regularizers import KEYS as REGULARIZER_KEYS
+from childtuning_trainer.regularization import KEYS as REGULARIZER_KEYS
 
 # A regulariser on a sweep axis: its name, or its name with its own settings (config keys).
 RegularizerChoice = str | tuple[str, Mapping[str, Any]]

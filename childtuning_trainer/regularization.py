@@ -3,10 +3,10 @@
 ``config.regularizer`` picks one of :data:`NAMES`; it combines with every ``mode`` (vanilla, F, D).
 Each regulariser enters the run through one seam:
 
-* the optimizer chain (:func:`childtuning_trainer.recipe.make_optimizer`): ``decay_to_pretrained``
-  (L2-SP, as a loss penalty before AdamW or decoupled after the Adam scaling), ``top_k`` (a fixed
-  ChildTuning-D mask of the top K encoder layers after the Child-Tuning transform) and ``recadam``
-  (replaces AdamW);
+* the optimizer chain (:func:`childtuning_trainer.optimizer_chain.make_optimizer`):
+  ``decay_to_pretrained`` (L2-SP, as a loss penalty before AdamW or decoupled after the Adam
+  scaling), ``top_k`` (a fixed ChildTuning-D mask of the top K encoder layers after the
+  Child-Tuning transform) and ``recadam`` (replaces AdamW);
 * the training objective (:func:`train_objective`, wrappers in
   :mod:`childtuning_trainer.objective`): ``mixout`` (the training forward pass runs on mixed
   params; evaluation and the Fisher pass use the params unchanged) and ``r3f`` (a second, noisy
@@ -146,44 +146,34 @@ def check(regularizer: Regularizer) -> Regularizer:
     return regularizer
 
 
-def check_config(config: ml_collections.ConfigDict) -> Regularizer:
-    """Checks ``config``'s regulariser settings (called by ``config_checks.check_config``).
-
-    Mixout replaces dropout (the reference sets every dropout of the model to 0): with
-    ``regularizer="mixout"`` an unset ``config.dropout`` is set to 0 here, and a dropout above 0 is
-    refused. ``top_k_layers`` is checked against the model's number of layers when its config can
-    be read (``config_checks.check_model`` reports a model that cannot).
-    """
-    regularizer = from_config(config)
-    if regularizer.name == "mixout":
-        if config.dropout is None:
-            config.dropout = 0.0
-        elif config.dropout > 0:
-            raise ValueError(
-                f"config.dropout={config.dropout} with regularizer='mixout': mixout replaces "
-                "dropout (the reference sets it to 0); leave dropout unset or set it to 0."
-            )
-    if regularizer.name == "top_k":
-        num_layers = _num_layers(config.model)
-        k = regularizer.top_k_layers
-        if num_layers is not None and k > num_layers:
-            _fail("top_k_layers", k, f"exceeds the model's num_hidden_layers={num_layers}")
-    return regularizer
+def mixout_dropout(regularizer: Regularizer, dropout: float | None) -> float | None:
+    """The run's dropout: Mixout replaces dropout (the reference sets every dropout of the model
+    to 0), so with ``mixout`` an unset ``dropout`` is 0 and a dropout above 0 is refused."""
+    if regularizer.name != "mixout":
+        return dropout
+    if dropout is not None and dropout > 0:
+        raise ValueError(
+            f"config.dropout={dropout} with regularizer='mixout': mixout replaces "
+            "dropout (the reference sets it to 0); leave dropout unset or set it to 0."
+        )
+    return 0.0
 
 
-def _num_layers(model: str) -> int | None:
+def check_top_k_layers(regularizer: Regularizer, model: str) -> None:
+    """``top_k_layers`` against the model's number of layers, when its config can be read
+    (``settings.check_model`` reports a model that cannot)."""
+    if regularizer.name != "top_k":
+        return
     import transformers
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(model)
-    except (OSError, ValueError, KeyError):  # config_checks.check_model reports it
-        return None
-    return getattr(hf_config, "num_hidden_layers", None)
-
-
-def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``results.json``'s ``regularizer``: the name and the chosen regulariser's settings."""
-    return from_config(config).settings()
+    except (OSError, ValueError, KeyError):
+        return
+    num_layers = getattr(hf_config, "num_hidden_layers", None)
+    k = regularizer.top_k_layers
+    if num_layers is not None and k > num_layers:
+        _fail("top_k_layers", k, f"exceeds the model's num_hidden_layers={num_layers}")
 
 
 # ---------------------------------------------------------------------------------------------
