@@ -16,7 +16,7 @@ import pytest
 from childtuning_jax import fisher_mask, leaf_names
 from childtuning_trainer import mask_rules, saved_model
 from childtuning_trainer.experiments import (
-    plots,
+    figures,
     probe,
     protocol_reports,
     protocols,
@@ -368,14 +368,14 @@ def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, mo
             ("mixout", "D", 42, 0.50),
         ]
     ]
-    figures, close = [], plt.close
-    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to inspect it
     path = tmp_path / "bars.png"
-    plots.regularizer_plot(
+    figures.regularizer_plot(
         statistics.summarize(records)["lr 0.0001"], "t", str(path), {"rte": 52.7}
     )
     assert path.stat().st_size > 0
-    (ax,) = figures[0].axes
+    (ax,) = drawn[0].axes
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     assert [tuple(line.get_ydata()) for line in dashed] == [(52.7, 52.7)]
     points = {
@@ -383,7 +383,7 @@ def test_regularizer_plot_marks_each_cell_and_the_trivial_predictor(tmp_path, mo
         for bars in ax.containers
     }
     assert points["vanilla"] == [pytest.approx(55.0)] and points["D"] == [pytest.approx(50.0)]
-    close(figures[0])
+    close(drawn[0])
 
 
 def test_last_epoch_train_loss_weights_each_logged_line_by_its_steps():

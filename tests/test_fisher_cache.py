@@ -63,7 +63,9 @@ def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
 
 def test_source_digest_covers_training_code_only():
     root = pathlib.Path(childtuning_trainer.__file__).parent
-    assert (root / "experiments" / "protocol_reports.py").exists() and (root / "optimizer_chain.py").exists()
+    assert (root / "experiments" / "protocol_reports.py").exists() and (
+        root / "optimizer_chain.py"
+    ).exists()
     # A training run never imports the experiments package (what the digest leaves out).
     code = (
         "import sys, train; from childtuning_trainer import loop; "

@@ -1,4 +1,6 @@
-"""The import graph: library <- trainer <- benchmarks, nothing pointing back, no cycle."""
+"""The shape of the repository: the import graph (library <- trainer <- benchmarks, nothing
+pointing back, no cycle), modules of one idea under 350 lines with distinct names, the config read
+only at the trainer's entry, and results kept as data."""
 
 import ast
 import pathlib
@@ -75,3 +77,63 @@ def test_the_import_graph_has_no_cycle():
 
     for node in sorted(graph):
         visit(node, [])
+
+
+MAX_MODULE_LINES = 350
+# Files that may share a name: package markers, and one module per family of the same role.
+SHARED_NAMES = {"__init__.py", "data.py", "tasks.py"}
+# The trainer modules that read an ml_collections config: the entry, the settings readers, and the
+# experiment tooling (which writes configs for train.py). Every other module takes settings.
+READS_CONFIG = {
+    "childtuning_trainer.loop",
+    "childtuning_trainer.settings",
+    "childtuning_trainer.regularization",
+}
+
+
+def _python_files() -> list[pathlib.Path]:
+    roots = [REPO / p for p in (*LAYERS, "tools", "configs")]
+    files = [path for root in roots for path in root.rglob("*.py")]
+    return files + sorted(REPO.glob("*.py"))
+
+
+def test_modules_stay_under_the_size_of_one_idea():
+    for path in _modules().values():
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_MODULE_LINES, f"{path.relative_to(REPO)} has {lines} lines"
+
+
+def test_modules_of_different_roles_have_different_names():
+    seen: dict[str, pathlib.Path] = {}
+    for path in _python_files():
+        if path.name in SHARED_NAMES:
+            continue
+        other = seen.setdefault(path.name, path)
+        assert other == path, f"{other.relative_to(REPO)} and {path.relative_to(REPO)}"
+
+
+def test_the_config_is_read_at_the_entry_only():
+    for name, path in _modules().items():
+        if not name.startswith("childtuning_trainer") or name.startswith(
+            "childtuning_trainer.experiments"
+        ):
+            continue
+        if "ml_collections" in path.read_text():
+            assert name in READS_CONFIG, f"{name} reads the config; give it settings instead"
+
+
+def test_tests_hold_tests_and_their_fixtures_only():
+    helpers = {"conftest.py", "tiny_models.py"}
+    for path in (REPO / "tests").glob("*.py"):
+        assert path.name.startswith("test_") or path.name in helpers, f"{path.name} is no test"
+
+
+def test_results_are_records_not_files_per_run():
+    """``experiments/`` holds the append-only records and one folder per protocol report."""
+    experiments = REPO / "experiments"
+    for path in experiments.iterdir():
+        if path.is_dir():
+            assert (path / "protocol.json").exists(), f"{path.name}/ is not a protocol report"
+            assert not [c for c in path.iterdir() if c.is_dir()], f"{path.name}/ holds folders"
+        else:
+            assert path.suffix == ".jsonl", f"experiments/{path.name} is not a record file"

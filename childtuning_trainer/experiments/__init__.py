@@ -8,6 +8,6 @@
 * :mod:`.protocols`: the run lists of each protocol (seed sweep, few-shot, domain and task
   generalisation, pruning) and their ``protocol.json``.
 * :mod:`.probe`: the linear probe of task generalisation (a frozen encoder, a new linear head).
-* :mod:`.statistics`, :mod:`.tables`, :mod:`.plots`: the numbers, Markdown tables and PNG plots of
+* :mod:`.statistics`, :mod:`.tables`, :mod:`.figures`: the numbers, Markdown tables and PNG plots of
   the results; :mod:`.protocol_reports`: one report per protocol from them.
 """

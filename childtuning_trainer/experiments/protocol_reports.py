@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from childtuning_trainer.experiments import plots, store
+from childtuning_trainer.experiments import figures, store
 from childtuning_trainer.experiments.protocols import Protocol, load_protocol, method_label
 from childtuning_trainer.experiments.statistics import (
     best_settings,
@@ -66,14 +66,14 @@ def _table_report(protocol: Protocol, records: list[dict], out_dir: str) -> tupl
         title = f"{protocol.name}: {setting}"
         if has_regularizers(tasks):
             lines += regularizer_tables(tasks, metric_names, baselines)
-            plots.regularizer_plot(tasks, title, os.path.join(out_dir, png), baselines)
+            figures.regularizer_plot(tasks, title, os.path.join(out_dir, png), baselines)
             lines += [f"![{setting}]({png})", ""]
             if gains := child_tuning_gains(tasks):
                 lines += [f"### What Child-Tuning adds to each regulariser ({setting})", ""]
                 lines += [GAINS_NOTE, "", *gains]
         else:
             lines += markdown_table(tasks, metric_names, baselines) + [""]
-            plots.bar_plot(tasks, title, os.path.join(out_dir, png))
+            figures.bar_plot(tasks, title, os.path.join(out_dir, png))
             lines += [f"![{setting}]({png})", ""]
     best = best_settings(summary)
     if len(summary) > 1:
@@ -136,7 +136,7 @@ def _domain_report(protocol: Protocol, records: list[dict], out_dir: str) -> tup
             "elsewhere, the set's most frequent label (the best any constant prediction scores).",
         ]
         title = f"{protocol.name}: accuracy x 100"
-        plots.heat_map(rows, cols, values, title, os.path.join(out_dir, "heat_map.png"))
+        figures.heat_map(rows, cols, values, title, os.path.join(out_dir, "heat_map.png"))
         lines += ["", "![accuracy heat map](heat_map.png)"]
     return lines + [""], {"summary": summary}
 
@@ -164,7 +164,7 @@ def _taskgen_report(
     lines += ["`pretrained`: the encoder before fine-tuning, the reference.", ""]
     if tasks:
         lines += markdown_table(tasks, metric_names) + [""]
-        plots.bar_plot(
+        figures.bar_plot(
             tasks, f"{protocol.name}: linear probes", os.path.join(out_dir, "probes.png")
         )
         lines += ["![linear probes](probes.png)", ""]
