@@ -23,12 +23,12 @@ install: $(VENV)/.installed
 
 test: install test-bare
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	# Two workers, each test file on one: compiles (one core each) overlap.
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	# Two workers sharing the tests (work stealing): compiles (one core each) overlap.
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The tests marked slow (pyproject.toml leaves them out of `make test`).
 test-slow: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m slow tests
 
 # The library alone (`pip install .`, no extras) in its own environment: imports, runs F and D.
 $(BARE)/.installed: pyproject.toml

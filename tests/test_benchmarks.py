@@ -29,6 +29,7 @@ def _load_record(out_dir):
         return json.load(f)
 
 
+@pytest.mark.slow  # every benchmark in its own processes: about three minutes
 def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
     assert bench_run.main(["--smoke", "--out", str(tmp_path)]) == 0
     record = _load_record(tmp_path)
