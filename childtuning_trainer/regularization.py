@@ -161,7 +161,7 @@ def mixout_dropout(regularizer: Regularizer, dropout: float | None) -> float | N
 
 def check_top_k_layers(regularizer: Regularizer, model: str) -> None:
     """``top_k_layers`` against the model's number of layers, when its config can be read
-    (``settings.check_model`` reports a model that cannot)."""
+    (``model_check.check_model`` reports a model that cannot)."""
     if regularizer.name != "top_k":
         return
     import transformers

@@ -25,10 +25,10 @@ from childtuning_trainer import (
     distributed,
     extra_eval,
     input_pipeline,
+    model_check,
     optimizer_chain,
     parallel,
     regularization,
-    settings,
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
@@ -136,7 +136,7 @@ def prepare(run_settings: Settings) -> Run:
         data_settings, run_settings.seed, task
     )
     extra_sets = extra_eval.load_sets(data_settings.extra_eval, task)
-    settings.check_model(model_settings.name, task, data_settings.max_seq_length)
+    model_check.check_model(model_settings.name, task, data_settings.max_seq_length)
     os.makedirs(outs.output_dir, exist_ok=True)
     manager = checkpoints.checkpoint_manager(outs)
     if manager.latest_step() is not None and not outs.resume:

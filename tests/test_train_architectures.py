@@ -16,7 +16,7 @@ from tiny_models import NUM_LAYERS, electra_tokenizer, tiny_config, xlnet_tokeni
 
 from childtuning_jax import leaf_names
 from childtuning_jax.models import dropout_overrides, from_config, from_pretrained, save_pretrained
-from childtuning_trainer import input_pipeline, loop, run_setup, settings, tasks
+from childtuning_trainer import input_pipeline, loop, model_check, run_setup, settings, tasks
 
 # The tiny checkpoints have no classification head; the trainer's warning about it is checked in
 # test_end_to_end and not repeated in the summary.
@@ -132,23 +132,23 @@ def test_check_model_takes_electra_and_xlnet(tmp_path):
     rte = tasks.get_task("rte")
     xlnet = tmp_path / "xlnet"
     tiny_config("xlnet", 50).save_pretrained(xlnet)  # no max_position_embeddings (answers -1)
-    assert settings.check_model(str(xlnet), rte, 4096).model_type == "xlnet"
+    assert model_check.check_model(str(xlnet), rte, 4096).model_type == "xlnet"
     electra = tmp_path / "electra"
     tiny_config("electra", 50).save_pretrained(electra)
-    assert settings.check_model(str(electra), rte, 64).model_type == "electra"
+    assert model_check.check_model(str(electra), rte, 64).model_type == "electra"
     with pytest.raises(ValueError, match="max_seq_length=65 exceeds .* max_position_embeddings=64"):
-        settings.check_model(str(electra), rte, 65)
+        model_check.check_model(str(electra), rte, 65)
     for arch, cls in [("electra", "Electra"), ("xlnet", "XLNet")]:
         head = tmp_path / f"{arch}_head"
         config = tiny_config(arch, 50)
         config.num_labels, config.architectures = 3, [f"{cls}ForSequenceClassification"]
         config.save_pretrained(head)
         with pytest.raises(ValueError, match="head with 3 output.*'rte' needs 2"):
-            settings.check_model(str(head), rte, 32)
+            model_check.check_model(str(head), rte, 32)
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Config(n_layer=1).save_pretrained(gpt2)
     with pytest.raises(ValueError, match="model_type 'gpt2'; supported: bert, electra, roberta"):
-        settings.check_model(str(gpt2), rte, 32)
+        model_check.check_model(str(gpt2), rte, 32)
 
 
 # ---------------------------------------------------------------------------------------------
