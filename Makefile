@@ -7,7 +7,7 @@ GLUE_DIR ?= ../shared/glue
 
 BARE ?= .venv-bare
 
-.PHONY: install test test-slow test-bare lint quickstart rte bench launch
+.PHONY: install test test-slow test-wheel test-bare lint quickstart rte bench launch
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install test-bare
 # The tests marked slow (pyproject.toml leaves them out of `make test`).
 test-slow: install
 	$(PY) -m pytest -q -n 2 --dist worksteal -m slow tests
+
+# The wheel in a fresh virtual environment (seeing this one's packages, so nothing is downloaded):
+# the four commands installed, and childtuning-train --config=quickstart run from an empty folder.
+test-wheel: install
+	$(PY) -m pytest -q -m slow tests/test_cli.py -k wheel
 
 # The library alone (`pip install .`, no extras) in its own environment: imports, runs F and D.
 $(BARE)/.installed: pyproject.toml
@@ -52,12 +57,12 @@ GLUE_NOTE = $(if $(wildcard $(GLUE_DIR)),,@echo "$(GLUE_DIR) not found: loading 
 # The README's main job: ChildTuning-D on STS-B with the packaged MiniLM, about 15 min on 2 cores.
 quickstart: install
 	$(GLUE_NOTE)
-	$(PY) train.py --config=configs/quickstart.py $(GLUE_FLAGS) --config.output_dir=runs/quickstart
+	$(PY) train.py --config=quickstart $(GLUE_FLAGS) --config.output_dir=runs/quickstart
 
 # ChildTuning-D fine-tuning of the packaged MiniLM BERT on RTE, on CPU.
 rte: install
 	$(GLUE_NOTE)
-	$(PY) train.py --config=configs/rte.py --config.mode=D $(GLUE_FLAGS) \
+	$(PY) train.py --config=rte --config.mode=D $(GLUE_FLAGS) \
 	  --config.output_dir=runs/rte_D
 
 bench: install
@@ -67,6 +72,6 @@ bench: install
 # on 64 RTE examples; compare with `make rte`-style single-process runs (README, Multi-host).
 launch: install
 	$(GLUE_NOTE)
-	$(PY) launch.py --num_processes=2 --devices_per_process=2 -- --config=configs/rte.py \
+	$(PY) launch.py --num_processes=2 --devices_per_process=2 -- --config=rte \
 	  --config.mode=D $(GLUE_FLAGS) --config.max_train_samples=64 --config.num_train_epochs=1 \
 	  --config.per_device_batch_size=4 --config.output_dir=runs/rte_D_2x2

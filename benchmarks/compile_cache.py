@@ -7,7 +7,7 @@ MiniLM; tiny model in smoke runs) three times, each a fresh process: without the
 empty cache (it compiles and writes), and with the cache the second run filled. The run's wall
 time, its training time (which includes the train step's compiles, one per bucket length) and its
 Fisher time are recorded; warm against no cache is what a sweep saves per run of a configuration
-it has compiled before. Needs ``../shared/glue``.
+it has compiled before. Needs the GLUE files (:data:`benchmarks.padding.GLUE_DIR`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(*, smoke: bool = False) -> dict[str, Any]:
         for i, name in enumerate(CONTENDERS):
             record = runner.run_one(
                 spec,
-                config_file=os.path.join(REPO, "configs", "glue.py"),
+                config_file="glue",
                 train_script=os.path.join(REPO, "train.py"),
                 settings={"data_dir": GLUE_DIR},
                 results_file=os.path.join(work, f"results{i}.jsonl"),

@@ -17,12 +17,12 @@ second is the steady epoch wall time the targets are checked on.
 
 Targets (issue 11): epoch time max_length / bucket >= 4 on CoLA, >= 2 on STS-B, >= 1.5 on MRPC,
 and RTE not slower (>= 1). The share of real tokens among the positions each mode computes, and
-the buckets, are recorded with it. Needs ``../shared/glue`` and the MiniLM package.
+the buckets, are recorded with it. Needs the GLUE files (``$CHILDTUNING_DATA_DIR/glue``, else
+``../shared/glue``) and the MiniLM package.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -31,10 +31,13 @@ from typing import Any
 import transformers
 
 from childtuning_trainer import loop, parallel, run_setup, steps
+from childtuning_trainer.cli import config_files
 from childtuning_trainer.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
+# $CHILDTUNING_DATA_DIR (holding glue/), else the checkout's neighbour ../shared.
+DATA_ROOT = os.environ.get("CHILDTUNING_DATA_DIR") or os.path.join(REPO, "..", "shared")
+GLUE_DIR = os.path.join(DATA_ROOT, "glue")
 TASKS = ("cola", "stsb", "mrpc", "rte")
 TARGETS = {"cola": 4.0, "stsb": 2.0, "mrpc": 1.5, "rte": 1.0}
 # Contenders: name -> config overrides; "bucket" is the trainer's default. "every_multiple" pads
@@ -50,11 +53,9 @@ EPOCHS = 2
 
 
 def base_config() -> Any:
-    """``configs/glue.py``'s defaults (loaded by path, as ``train.py --config`` does)."""
-    spec = importlib.util.spec_from_file_location("glue_config", f"{REPO}/configs/glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The packaged ``glue`` configuration's defaults (loaded by path, as ``childtuning-train
+    --config`` does)."""
+    return config_files.load(config_files.config_path("glue"))
 
 
 def real_token_share(run: run_setup.Run, epoch: int) -> float:

@@ -55,7 +55,7 @@ def parse_spec(spec: str) -> list[tuple[str, str]]:
         if not sep or not _NAME.fullmatch(name) or not path:
             raise ValueError(
                 f"config.extra_eval: {item.strip()!r} is not name=path (a name of letters, "
-                "digits, _ . -, then a file), e.g. 'mnli=../shared/nli/mnli/dev_matched.jsonl'."
+                "digits, _ . -, then a file), e.g. 'mnli=nli/mnli/dev_matched.jsonl'."
             )
         if name in dict(entries):
             raise ValueError(f"config.extra_eval names {name!r} twice.")

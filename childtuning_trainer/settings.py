@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from childtuning_trainer import (
+    data_location,
     extra_eval,
     input_pipeline,
     mask_rules,
@@ -236,7 +237,7 @@ def data_settings(config: ml_collections.ConfigDict) -> DataSettings:
     if not 0.0 <= config.bucket_min_share < 1.0:
         raise ValueError(f"config.bucket_min_share={config.bucket_min_share} must be in [0, 1).")
     return DataSettings(
-        data_dir=config.data_dir,
+        data_dir=data_location.task_data_dir(config.task, config.data_dir),
         max_seq_length=config.max_seq_length,
         per_device_batch_size=config.per_device_batch_size,
         padding=config.padding,

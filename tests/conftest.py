@@ -5,13 +5,14 @@
 - Offline Hugging Face: nothing is downloaded during tests.
 - JAX's persistent compilation cache in `.jax_cache/`: tests that build the same jitted step for
   the same tiny model compile it once per run instead of once per test.
-- The data folders (``../shared/glue``, ``../shared/nli`` from the repository root): the
-  ``glue_dir`` / ``nli_dir`` fixtures, and the ``needs_glue`` / ``needs_nli`` markers that skip a
-  test when its folder is missing.
+- The data (``DATA_ROOT``: ``$CHILDTUNING_DATA_DIR``, else ``../shared`` beside the repository,
+  CI's layout), holding ``glue/`` and ``nli/``: the ``glue_dir`` / ``nli_dir`` fixtures, the
+  ``needs_glue`` / ``needs_nli`` markers that skip a test when its folder is missing, and
+  ``data_env`` for commands that find it through ``$CHILDTUNING_DATA_DIR``.
 - ``tiny_checkpoint``: tiny BERT, ELECTRA and XLNet checkpoints (``tiny_models``), each written
   once per session.
-- ``base_config`` / ``run_config``: the trainer's config (``configs/glue.py``) with overrides, and
-  a short run of a tiny model on RTE.
+- ``base_config`` / ``run_config``: the trainer's base config (the packaged ``glue``) with
+  overrides, and a short run of a tiny model on RTE.
 """
 
 import functools
@@ -35,7 +36,10 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared")
+# The one place the tests find the data; nothing else names it.
+DATA_ROOT = os.path.abspath(
+    os.environ.get("CHILDTUNING_DATA_DIR") or os.path.join(REPO, "..", "shared")
+)
 DATA = {"needs_glue": ("glue", "the original GLUE files"), "needs_nli": ("nli", "the NLI files")}
 # What every tiny trainer run shares: RTE rows of at most 32 tokens, a large step, and no weight
 # decay (so ChildTuning-D's frozen weights stay exactly where they were).
@@ -45,8 +49,8 @@ TINY_RUN = dict(task="rte", max_seq_length=32, learning_rate=1e-3, weight_decay=
 def _missing(marker: str) -> str | None:
     """The skip reason of ``marker`` when its folder is absent, else None."""
     name, holds = DATA[marker]
-    present = os.path.isdir(os.path.join(SHARED, name))
-    return None if present else f"../shared/{name} ({holds}) is not present"
+    present = os.path.isdir(os.path.join(DATA_ROOT, name))
+    return None if present else f"{DATA_ROOT}/{name} ({holds}) is not present"
 
 
 def pytest_runtest_setup(item):
@@ -59,26 +63,36 @@ def _data_dir(marker: str) -> str:
     reason = _missing(marker)
     if reason:
         pytest.skip(reason)
-    return os.path.join(SHARED, DATA[marker][0])
+    return os.path.join(DATA_ROOT, DATA[marker][0])
 
 
 @pytest.fixture(scope="session")
 def glue_dir() -> str:
-    """``../shared/glue``: the GLUE TSVs in their original layout (skips when missing)."""
+    """``DATA_ROOT/glue``: the GLUE TSVs in their original layout (skips when missing)."""
     return _data_dir("needs_glue")
 
 
 @pytest.fixture(scope="session")
 def nli_dir() -> str:
-    """``../shared/nli``: the SNLI, MNLI and SICK files (skips when missing)."""
+    """``DATA_ROOT/nli``: the SNLI, MNLI and SICK files (skips when missing)."""
     return _data_dir("needs_nli")
+
+
+@pytest.fixture
+def data_env() -> dict[str, str]:
+    """This environment with ``CHILDTUNING_DATA_DIR=DATA_ROOT``, for a command that finds the data
+    itself (as an installed ``childtuning-train`` or ``childtuning-sweep`` does)."""
+    return dict(os.environ, CHILDTUNING_DATA_DIR=DATA_ROOT)
 
 
 @pytest.fixture(scope="session")
 def base_config():
-    """``base_config(**overrides)``: ``configs/glue.py``'s config, loaded by path as ``train.py
-    --config`` does, with ``output_dir="unused"`` and ``overrides``."""
-    spec = importlib.util.spec_from_file_location("glue_config", f"{REPO}/configs/glue.py")
+    """``base_config(**overrides)``: the packaged ``glue`` config, loaded by path as
+    ``childtuning-train --config`` does, with ``output_dir="unused"`` and ``overrides``."""
+    from childtuning_trainer.cli import config_files
+
+    path = config_files.config_path("glue")
+    spec = importlib.util.spec_from_file_location("glue_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -93,7 +107,7 @@ def base_config():
 @pytest.fixture(scope="session")
 def run_config(base_config, glue_dir):
     """``run_config(model_dir, out_dir, **overrides)``: a short run of ``model_dir`` on RTE rows of
-    ../shared/glue (``TINY_RUN``), writing to ``out_dir``."""
+    ``glue_dir`` (``TINY_RUN``), writing to ``out_dir``."""
 
     def make(model_dir, out_dir, **overrides):
         where = dict(data_dir=glue_dir, model=str(model_dir), output_dir=str(out_dir))

@@ -559,7 +559,7 @@ def test_bad_run_is_reported_with_its_error_line(tmp_path):
     with pytest.raises(RuntimeError, match="Unknown task 'no_such_task'"):
         runner.run_one(
             spec,
-            config_file=os.path.join(REPO, "configs", "glue.py"),
+            config_file="glue",
             train_script=os.path.join(REPO, "train.py"),
             results_file=str(tmp_path / "runs.jsonl"),
             work_dir=str(tmp_path / "work"),
@@ -573,13 +573,14 @@ def test_bad_run_is_reported_with_its_error_line(tmp_path):
 
 
 @pytest.mark.needs_glue
-def test_sweep_reads_tasks_missing_locally_from_the_hub():
+def test_sweep_reads_tasks_missing_locally_from_the_hub(data_env):
     out = subprocess.run(
         [sys.executable, "sweep.py", "--protocol=fewshot", "--tasks=sst2,rte", "--dry_run"],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
+        env=data_env,
     ).stdout
     assert "has no SST-2/: loading sst2 from the hub" in out
     assert "rte from the hub" not in out and "fewshot: 18 runs" in out
@@ -614,8 +615,7 @@ def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path, glue_di
         **protocols.SWEEP_SETTINGS,
     )
     kwargs = dict(
-        config_file=os.path.join(REPO, "configs", "glue.py"),
-        train_script=os.path.join(REPO, "train.py"),
+        config_file="glue",  # childtuning-train's module (runner.TRAIN_MODULE) runs it
         settings={"data_dir": glue_dir},
         results_file=str(tmp_path / "runs.jsonl"),
         work_dir=str(tmp_path / "work"),

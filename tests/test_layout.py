@@ -82,8 +82,9 @@ def test_the_import_graph_has_no_cycle():
 MAX_MODULE_LINES = 350
 # Files that may share a name: package markers, and one module per family of the same role.
 SHARED_NAMES = {"__init__.py", "data.py", "tasks.py"}
-# The trainer modules that read an ml_collections config: the entry, the settings readers, and the
-# experiment tooling (which writes configs for train.py). Every other module takes settings.
+# The trainer modules that read an ml_collections config: the entry, the settings readers, the
+# commands and configurations (childtuning_trainer.cli, .configs) and the experiment tooling (which
+# writes configs for childtuning-train). Every other module takes settings.
 READS_CONFIG = {
     "childtuning_trainer.loop",
     "childtuning_trainer.settings",
@@ -92,7 +93,7 @@ READS_CONFIG = {
 
 
 def _python_files() -> list[pathlib.Path]:
-    roots = [REPO / p for p in (*LAYERS, "tools", "configs")]
+    roots = [REPO / p for p in (*LAYERS, "tools")]
     files = [path for root in roots for path in root.rglob("*.py")]
     return files + sorted(REPO.glob("*.py"))
 
@@ -115,11 +116,20 @@ def test_modules_of_different_roles_have_different_names():
 def test_the_config_is_read_at_the_entry_only():
     for name, path in _modules().items():
         if not name.startswith("childtuning_trainer") or name.startswith(
-            "childtuning_trainer.experiments"
+            tuple(f"childtuning_trainer.{p}" for p in ("experiments", "cli", "configs"))
         ):
             continue
         if "ml_collections" in path.read_text():
             assert name in READS_CONFIG, f"{name} reads the config; give it settings instead"
+
+
+def test_no_package_module_names_the_checkouts_data_folder():
+    """The data are found through ``config.data_dir`` or ``$CHILDTUNING_DATA_DIR``
+    (``childtuning_trainer.data_location``), wherever the package is installed."""
+    for name, path in _modules().items():
+        if name.startswith(("childtuning_jax", "childtuning_trainer")):
+            text = path.read_text()
+            assert "../shared" not in text and '"..", "shared"' not in text, name
 
 
 def test_tests_hold_tests_and_their_fixtures_only():

@@ -99,7 +99,7 @@ def test_two_processes_train_as_one(one_process, workdir, tiny_model, make_confi
         f"--logs={workdir / 'logs'}",
         "--script=tools/multihost_worker.py",
         "--",
-        "--config=configs/glue.py",
+        "--config=childtuning_trainer/configs/glue.py",
         *flags,
         f"--runs={','.join(runs)}",
     ]

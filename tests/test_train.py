@@ -297,7 +297,7 @@ def test_command_line_reports_bad_input(tiny_model, tmp_path):
     command = [
         sys.executable,
         "train.py",
-        "--config=configs/rte.py",
+        "--config=rte",
         "--config.mode=G",
         f"--config.model={tiny_model}",
         f"--config.output_dir={tmp_path}",

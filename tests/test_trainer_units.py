@@ -417,12 +417,13 @@ def test_command_line_prints_one_error_line_without_data(tmp_path):
     command = [
         sys.executable,
         "train.py",
-        "--config=configs/rte.py",
+        "--config=rte",
         "--config.data_dir=",
         f"--config.output_dir={tmp_path}",
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("CHILDTUNING_TRACEBACK", None)
+    env.pop("CHILDTUNING_DATA_DIR", None)  # no local data anywhere
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

@@ -18,7 +18,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLUE_DIR = os.path.join(REPO, "..", "shared", "glue")
+# $CHILDTUNING_DATA_DIR (holding glue/), else the checkout's neighbour ../shared.
+DATA_ROOT = os.environ.get("CHILDTUNING_DATA_DIR") or os.path.join(REPO, "..", "shared")
+GLUE_DIR = os.path.join(DATA_ROOT, "glue")
 
 # Runs train.py, SIGKILLing this process when orbax finalises checkpoint number KILL_AT (counted
 # from 1): the state and the JSON are then written into the temporary folder, not yet committed.
@@ -56,7 +58,7 @@ NUM_CHECKPOINTS = 6
 
 def flags(model: str, output_dir: str, **overrides) -> list[str]:
     settings = dict(SETTINGS, model=model, output_dir=output_dir, **overrides)
-    return ["--config=configs/glue.py", *(f"--config.{k}={v}" for k, v in settings.items())]
+    return ["--config=glue", *(f"--config.{k}={v}" for k, v in settings.items())]
 
 
 def env(devices: int = 4) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """One process of the multi-host tests: several runs in turn, one ``jax.distributed`` session.
 
-  python launch.py --script=tools/multihost_worker.py -- --config=configs/glue.py ... \
+  python launch.py --script=tools/multihost_worker.py -- \
+      --config=childtuning_trainer/configs/glue.py ... \
       --runs=vanilla:pmap,F:pmap,D:pmap,D:jit
 
 Run ``mode:parallelism`` writes to ``output_dir/<mode>_<parallelism>`` (process 0, as
@@ -18,8 +19,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from childtuning_trainer import loop
+from childtuning_trainer.cli import config_files
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/glue.py", "Base configuration.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", config_files.config_path(config_files.DEFAULT), "Base configuration (a file)."
+)
 _RUNS = flags.DEFINE_list("runs", ["D:pmap"], "mode:parallelism pairs, run in turn.")
 
 

@@ -1,7 +1,7 @@
 """Runs a list of training runs one after another, resumably.
 
-Each run is ``train.py`` in its own process with ``--config.resume=true`` in its own work folder,
-so an interrupted sweep continues where it stopped: finished runs (those with a line in the
+Each run is ``childtuning-train`` in its own process with ``--config.resume=true`` in its own work
+folder, so an interrupted sweep continues where it stopped: finished runs (those with a line in the
 results file, :mod:`.store`) are skipped, an unfinished one resumes from its newest checkpoint.
 The processes share JAX's persistent compilation cache, so a program compiled for one run (same
 shapes, same settings) is loaded, not compiled again, by the next. Several sweeps may work through
@@ -30,6 +30,7 @@ from childtuning_trainer.experiments.store import RunSpec
 
 CACHE_DIR = ".jax_cache"
 FISHER_CACHE_DIR = "runs/fisher_cache"
+TRAIN_MODULE = "childtuning_trainer.cli.training"  # what childtuning-train runs
 
 
 def flag_value(value: Any) -> str:
@@ -44,13 +45,15 @@ def train_command(
     config_file: str,
     output_dir: str,
     settings: dict[str, Any],
-    train_script: str = "train.py",
+    train_script: str = TRAIN_MODULE,
 ) -> list[str]:
-    """``spec``'s ``train.py`` command; ``settings`` (e.g. ``data_dir``) do not name the run."""
+    """``spec``'s training command; ``settings`` (e.g. ``data_dir``) do not name the run.
+    ``train_script``: a module (run with ``-m``) or a ``.py`` file."""
     flags = {**dict(spec.overrides), **settings, "output_dir": output_dir, "resume": True}
+    program = [train_script] if train_script.endswith(".py") else ["-m", train_script]
     return [
         sys.executable,
-        train_script,
+        *program,
         f"--config={config_file}",
         *(f"--config.{key}={flag_value(value)}" for key, value in flags.items()),
     ]
@@ -79,13 +82,13 @@ def logged_train_losses(output_dir: str) -> list[dict[str, Any]]:
 def run_one(
     spec: RunSpec,
     *,
-    config_file: str = "configs/glue.py",
+    config_file: str = "glue",
     settings: dict[str, Any] | None = None,
     results_file: str = store.RESULTS_FILE,
     work_dir: str = store.WORK_DIR,
     cache_dir: str | None = CACHE_DIR,
     keep_checkpoints: bool = False,
-    train_script: str = "train.py",
+    train_script: str = TRAIN_MODULE,
     data_dirs: Mapping[str, str] | None = None,
 ) -> dict:
     """Trains ``spec`` (or resumes it) unless it has finished; returns its result record.

@@ -245,7 +245,7 @@ def load_hub_splits(task: NliTask) -> tuple[Examples, list[Examples]]:
     """``task``'s training and dev splits from the hub; unlabelled (-1) examples are dropped."""
     hub = task.hub
     what = hub.dataset + (f"/{hub.config}" if hub.config else "")
-    instead = "set --config.data_dir to a folder of NLI files (e.g. ../shared/nli)"
+    instead = "set --config.data_dir to a folder of NLI files (snli/, mnli/, sick/)"
     ds = load_hub_dataset(hub.dataset, hub.config, hub.revision, instead)
     names = tuple(ds[hub.train_split].features["label"].names)
     if names != task.labels:

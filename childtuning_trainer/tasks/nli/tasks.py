@@ -1,7 +1,8 @@
 """The NLI tasks beyond GLUE: SNLI, MNLI matched from JSON lines, and SICK.
 
-``config.data_dir`` is an NLI folder holding ``snli/``, ``mnli/`` and ``sick/`` (``../shared/nli``);
-empty: the hub's copies. Labels are three-way in the hub's snli / mnli id order.
+``config.data_dir`` is an NLI folder holding ``snli/``, ``mnli/`` and ``sick/``; empty: the one
+under ``$CHILDTUNING_DATA_DIR`` (:mod:`childtuning_trainer.data_location`), else the hub's copies.
+Labels are three-way in the hub's snli / mnli id order.
 
 - ``snli``: ``snli/train.jsonl`` for training and ``snli/dev.jsonl`` for evaluation. Hub:
   ``stanfordnlp/snli`` train / validation, unlabelled (-1) pairs dropped.
@@ -13,10 +14,10 @@ empty: the hub's copies. Labels are three-way in the hub's snli / mnli id order.
   testable offline.
 
 Deviation from the paper, which trains on 5k examples of the MNLI or SNLI training set: without a
-``train.jsonl`` (the case in ``../shared/nli``, which has the dev files only) the dev file is split
-once, with a fixed seed independent of the run's seed (``data.fixed_split``), into a training pool
-and a held-out rest, which is the in-domain dev set of every run. ``config.max_train_samples`` then
-draws each run's seeded training subset from the pool.
+``train.jsonl`` (the case of the tests' NLI folder, which has the dev files only) the dev file is
+split once, with a fixed seed independent of the run's seed (``data.fixed_split``), into a training
+pool and a held-out rest, which is the in-domain dev set of every run.
+``config.max_train_samples`` then draws each run's seeded training subset from the pool.
 """
 
 from __future__ import annotations

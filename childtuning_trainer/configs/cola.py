@@ -1,12 +1,12 @@
 """CoLA fine-tuning; the authors' reserve_p for the chosen mode is used.
 
-``python train.py --config=configs/cola.py --config.mode=D --config.data_dir=../shared/glue``
+``childtuning-train --config=cola --config.mode=D --config.output_dir=runs/cola_D``
 (The base configuration's defaults: batch 16, 3 epochs, max length 128, the packaged MiniLM.)
 """
 
 import ml_collections
 
-from configs import glue
+from childtuning_trainer.configs import glue
 
 
 def get_config() -> ml_collections.ConfigDict:

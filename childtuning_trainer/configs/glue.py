@@ -1,8 +1,8 @@
 """Base configuration: GLUE fine-tuning with Child-Tuning, defaults of the official run script.
 
 Choose the task and mode on the command line, e.g.
-``python train.py --config=configs/glue.py --config.task=rte --config.mode=D``; every key can be
-overridden as ``--config.KEY=VALUE``.
+``childtuning-train --config=glue --config.task=rte --config.mode=D``; every key can be
+overridden as ``--config.KEY=VALUE`` (``childtuning-train --help`` lists them with these comments).
 """
 
 import ml_collections
@@ -25,18 +25,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Data.
     # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick
     config.task = "rte"
-    # GLUE: a folder in the original GLUE layout; NLI tasks: a folder holding snli/, mnli/, sick/
-    # (../shared/nli). Empty: the task's hub dataset (nyu-mll/glue for GLUE).
+    # GLUE: a folder in the original GLUE layout; NLI tasks: a folder holding snli/, mnli/, sick/.
+    # Empty: found under $CHILDTUNING_DATA_DIR, else the task's hub dataset (nyu-mll/glue).
     config.data_dir = ""
-    config.max_seq_length = 128
+    config.max_seq_length = 128  # tokens per example; longer ones are truncated
     # "bucket": each batch padded to the smallest bucket length holding its longest example;
     # "max_length": every batch to max_seq_length. The buckets are at most max_buckets multiples
     # of bucket_multiple fitted to the run's batches (fewest padded positions), each used by at
     # least bucket_min_share of them, plus max_seq_length (max_buckets=0: every multiple).
     config.padding = "bucket"
-    config.bucket_multiple = 8
-    config.max_buckets = 4
-    config.bucket_min_share = 0.05
+    config.bucket_multiple = 8  # bucket lengths are multiples of this
+    config.max_buckets = 4  # at most this many bucket lengths (0: every multiple)
+    config.bucket_min_share = 0.05  # each bucket serves at least this share of the batches
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
 
@@ -83,28 +83,28 @@ def get_config() -> ml_collections.ConfigDict:
     # chose t0 in {100, 250, 500} for runs of 7,800+ steps; a 189-step run with t0 = 250 would
     # never train on the task loss).
     config.recadam_anneal_fun = "sigmoid"  # sigmoid | linear | constant
-    config.recadam_anneal_k = 0.5
-    config.recadam_anneal_t0 = 250.0
-    config.recadam_anneal_w = 1.0
-    config.recadam_pretrain_cof = 5000.0
+    config.recadam_anneal_k = 0.5  # recadam: the annealing rate k
+    config.recadam_anneal_t0 = 250.0  # recadam: the annealing midpoint t0, in steps
+    config.recadam_anneal_w = 1.0  # recadam: lambda(t) rises from 0 towards this weight
+    config.recadam_pretrain_cof = 5000.0  # recadam: gamma, the weight of the pull to w0
     # r3f (Aghajanyan et al. 2021), fairseq's defaults: noise eps 1e-5, lambda 1.0, uniform noise.
-    config.r3f_eps = 1e-5
-    config.r3f_lambda = 1.0
+    config.r3f_eps = 1e-5  # r3f: the noise scale
+    config.r3f_lambda = 1.0  # r3f: the weight of the symmetric KL term
     config.r3f_noise = "uniform"  # uniform | normal
 
     # Optimisation (AdamW with linear warm-up and decay, as the official run script).
     config.optimizer = "hf_adamw"  # the official AdamW (childtuning_jax.hf_adamw) | "adamw" (optax)
-    config.seed = 42
-    config.learning_rate = 2e-5
-    config.num_train_epochs = 3
-    config.per_device_batch_size = 16
+    config.seed = 42  # head, F masks, dropout, data order and subsets
+    config.learning_rate = 2e-5  # peak learning rate
+    config.num_train_epochs = 3  # passes over the training set
+    config.per_device_batch_size = 16  # global batch = this x devices
     config.num_devices = 0  # 0: every local device
-    config.warmup_ratio = 0.1
-    config.weight_decay = 0.01
-    config.adam_b1 = 0.9
-    config.adam_b2 = 0.999
-    config.adam_eps = 1e-8
-    config.max_grad_norm = 1.0
+    config.warmup_ratio = 0.1  # linear warm-up over this share of the steps, then linear decay
+    config.weight_decay = 0.01  # AdamW decay, not on biases and LayerNorm weights
+    config.adam_b1 = 0.9  # Adam beta1
+    config.adam_b2 = 0.999  # Adam beta2
+    config.adam_eps = 1e-8  # Adam epsilon
+    config.max_grad_norm = 1.0  # global-norm gradient clipping, before the Child-Tuning mask
 
     # Parallelism and multi-process runs (childtuning_trainer.parallel, .distributed).
     # "jit" (default): jax.jit over a Mesh, batch sharded over its "data" axis, params and
@@ -114,17 +114,17 @@ def get_config() -> ml_collections.ConfigDict:
     # jax.distributed.initialize(coordinator_address, num_processes, process_id): set all three
     # (launch.py does) or none; none: a single process, or what JAX detects (TPU pod, Slurm).
     config.coordinator_address = ""  # host:port of process 0
-    config.num_processes = config_dict.placeholder(int)
-    config.process_id = config_dict.placeholder(int)
+    config.num_processes = config_dict.placeholder(int)  # how many processes join the run
+    config.process_id = config_dict.placeholder(int)  # this process's index, 0 .. N-1
 
     # Output, logging, checkpoints.
-    config.output_dir = ""
-    config.resume = False
+    config.output_dir = ""  # where the run writes its checkpoints, logs and results (required)
+    config.resume = False  # continue from the newest checkpoint in output_dir
     config.eval_every_epoch = True  # False: evaluate after the last epoch only (saves CPU time)
-    config.log_every_steps = 10
+    config.log_every_steps = 10  # steps between the training lines of metrics.jsonl
     config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only
-    config.checkpoint_every_steps = 200  # checkpoints are also written at the end of every epoch
-    config.keep_checkpoints = 2
+    config.checkpoint_every_steps = 200  # steps between checkpoints (also one at every epoch end)
+    config.keep_checkpoints = 2  # the newest checkpoints kept
     config.save_model = True  # the final parameters as output_dir/params.msgpack
     config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)
     return config

@@ -1,12 +1,12 @@
 """STS-B fine-tuning; the authors' reserve_p for the chosen mode is used.
 
-``python train.py --config=configs/stsb.py --config.mode=D --config.data_dir=../shared/glue``
+``childtuning-train --config=stsb --config.mode=D --config.output_dir=runs/stsb_D``
 (The base configuration's defaults: batch 16, 3 epochs, max length 128, the packaged MiniLM.)
 """
 
 import ml_collections
 
-from configs import glue
+from childtuning_trainer.configs import glue
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,15 +1,15 @@
 """The quick start: ChildTuning-D on STS-B with the packaged MiniLM, sized for about 15 minutes on
 two CPU cores.
 
-``python train.py --config=configs/quickstart.py --config.data_dir=../shared/glue
---config.output_dir=runs/quickstart`` (``make quickstart``). A seeded 2,000-example subset of the
+``childtuning-train --config=quickstart --config.output_dir=runs/quickstart``
+(``make quickstart``). A seeded 2,000-example subset of the
 training set for the Fisher pass and two epochs of training, the whole dev set for evaluation;
 every other setting is the base configuration's (batch 16, learning rate 2e-5, bucketed padding).
 """
 
 import ml_collections
 
-from configs import glue
+from childtuning_trainer.configs import glue
 
 
 def get_config() -> ml_collections.ConfigDict:

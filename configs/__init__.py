@@ -1,1 +1,0 @@
-"""Configurations for train.py (ml_collections ConfigDicts, one file per setting)."""
