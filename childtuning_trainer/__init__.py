@@ -1,4 +1,4 @@
-"""The Child-Tuning fine-tuning trainer behind ``train.py`` (install with the ``train`` extra).
+"""The Child-Tuning fine-tuning trainer behind ``childtuning-train`` (the ``train`` extra).
 
 One module per idea; imports run one way, from the library (``childtuning_jax``) into here:
 
@@ -14,5 +14,7 @@ One module per idea; imports run one way, from the library (``childtuning_jax``)
 * :mod:`~childtuning_trainer.run_setup` -- a run's devices, data and model, ready to train;
 * :mod:`~childtuning_trainer.progress` -- what the loop carries between steps and checkpoints;
 * :mod:`~childtuning_trainer.checkpoints`, :mod:`~childtuning_trainer.outputs` -- what is saved;
-* :mod:`~childtuning_trainer.loop` -- the run, ``train_and_evaluate(config)``.
+* :mod:`~childtuning_trainer.loop` -- the run, ``train_and_evaluate(config)``;
+* :mod:`~childtuning_trainer.data_location` -- ``data_dir``, else ``$CHILDTUNING_DATA_DIR``;
+* :mod:`~childtuning_trainer.cli` -- the installed commands; ``configs/`` -- their configurations.
 """

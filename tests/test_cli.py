@@ -80,6 +80,8 @@ def test_help_works_from_any_folder(tmp_path):
     done = command("training", "--config=rte", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "  --config.task=rte\n" in done.stdout and "--config.learning_rate=2e-05" in done.stdout
+    shown = command("reporting", "--help", cwd=tmp_path)  # absl's own --help would exit with 1
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: childtuning-report")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +132,13 @@ def test_report_says_when_there_is_no_experiment_or_nothing_to_report(
         text=True,
     )
     assert one_error_line(done, 1).startswith("error: nothing to report: ")
+
+
+def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "results").write_text("not a folder")
+    done = command("training", "--config=rte", "--config.output_dir=results", cwd=tmp_path)
+    line = one_error_line(done, 1)
+    assert line == "error: config.output_dir='results' is a file; name a folder."
 
 
 def test_sweep_checks_its_set_keys_before_any_run(tmp_path):
@@ -259,7 +268,7 @@ def test_the_wheel_installs_the_commands_and_trains_from_any_folder(
         check=True,
     ).stdout
     assert where.startswith(str(venv))  # the installed copy, not this checkout
-    for name in ("sweep", "report", "launch"):
+    for name, flag in (("sweep", "--protocol="), ("report", "usage:"), ("launch", "--script=")):
         shown = subprocess.run(
             [bin_dir / f"childtuning-{name}", "--help"],
             cwd=work,
@@ -267,7 +276,7 @@ def test_the_wheel_installs_the_commands_and_trains_from_any_folder(
             capture_output=True,
             text=True,
         )
-        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert shown.returncode == 0 and flag in shown.stdout, shown.stderr[-2000:]
     flags = [f"--config.model={tiny_checkpoint()}", "--config.output_dir=quickstart", *TINY_FLAGS]
     done = subprocess.run(
         [bin_dir / "childtuning-train", "--config=quickstart", *flags],
@@ -289,19 +298,23 @@ def test_the_wheel_installs_the_commands_and_trains_from_any_folder(
 
 
 @pytest.mark.slow
-def test_every_committed_report_rebuilds_byte_for_byte(tmp_path, monkeypatch):
+@pytest.mark.needs_nli
+def test_every_committed_report_rebuilds_byte_for_byte(tmp_path, monkeypatch, nli_dir):
     """From the records and the protocols alone, ``childtuning-report`` writes every committed
-    report file again, the same bytes (``python report.py`` leaves ``git status`` clean)."""
+    report file again, the same bytes (``python report.py`` leaves ``git status`` clean). The
+    domain records name their evaluation sets as ``../shared/nli/...`` (the checkout's
+    neighbour, where they were run), so the copy gets that neighbour too."""
     before = os.path.join(REPO, "experiments")
-    rebuilt = tmp_path / "experiments"
-    rebuilt.mkdir()
+    os.symlink(os.path.dirname(nli_dir), tmp_path / "shared")
+    rebuilt = tmp_path / "checkout" / "experiments"
+    rebuilt.mkdir(parents=True)
     for name in os.listdir(before):
         if name.endswith(".jsonl"):
             shutil.copy(os.path.join(before, name), rebuilt / name)
         elif os.path.isdir(os.path.join(before, name)):
             (rebuilt / name).mkdir()
             shutil.copy(os.path.join(before, name, "protocol.json"), rebuilt / name)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "checkout")
     reporting.main(["childtuning-report"])
     for folder, _, files in os.walk(before):
         for name in files:

@@ -1,8 +1,7 @@
 """``childtuning-launch``: starts a multi-process run on this machine: N processes with M CPU
 devices each.
 
-  childtuning-launch --num_processes=2 --devices_per_process=2 -- \
-      --config=rte --config.mode=D --config.output_dir=runs/rte_D_2x2
+  childtuning-launch --num_processes=2 -- --config=rte --config.output_dir=runs/rte_D_2x2
 
 Each process runs ``childtuning-train`` (or ``--script``) with the arguments after ``--`` and
 ``--config.coordinator_address``, ``--config.num_processes`` and ``--config.process_id`` added;
@@ -20,6 +19,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from childtuning_trainer.cli.usage import help_asked, print_help
 
 TRAIN_MODULE = "childtuning_trainer.cli.training"  # what childtuning-train runs
 
@@ -114,6 +115,11 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     """The ``childtuning-launch`` entry."""
+    if help_asked(sys.argv if argv is None else argv):
+        usage = "usage: childtuning-launch [flags] -- [childtuning-train's arguments]"
+        print_help(
+            usage, __doc__, ("num_processes", "devices_per_process", "port", "script", "logs")
+        )
     app.run(main, argv=argv)
 
 

@@ -12,10 +12,11 @@ every protocol under ``experiments/``.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app
 
-from childtuning_trainer.cli.usage import fail
+from childtuning_trainer.cli.usage import fail, help_asked, print_help
 from childtuning_trainer.experiments import store
 
 
@@ -45,6 +46,8 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     """The ``childtuning-report`` entry."""
+    if help_asked(sys.argv if argv is None else argv):
+        print_help("usage: childtuning-report [NAME ...]", __doc__)
     app.run(main, argv=argv)
 
 

@@ -1,8 +1,7 @@
 """``childtuning-sweep``: runs one of the paper's experiment protocols, resumably, and writes its
 report.
 
-  childtuning-sweep --protocol=fewshot --tasks=rte,mrpc --modes=vanilla,F,D --seeds=42,52,57 \
-      --learning_rates=1e-4
+  childtuning-sweep --protocol=fewshot --tasks=rte,mrpc --modes=vanilla,F,D --seeds=42,52,57
 
 Protocols (childtuning_trainer.experiments.protocols): seeds | fewshot | pruning | domain |
 taskgen. Every run is ``childtuning-train`` with the protocol's overrides in
@@ -15,12 +14,13 @@ sweep has gone through its runs (a block, not each run).
 """
 
 import os
+import sys
 
 from absl import app, flags
 
 from childtuning_trainer import data_location, optimizer_chain, regularization, tasks
 from childtuning_trainer.cli import config_files
-from childtuning_trainer.cli.usage import fail
+from childtuning_trainer.cli.usage import fail, help_asked, print_help
 from childtuning_trainer.experiments import protocol_reports, protocols, runner, store
 from childtuning_trainer.tasks import nli
 
@@ -95,6 +95,13 @@ def define_flags() -> None:
         "Once the sweep has gone through its runs, git-commit its records and report.",
     )
     flags.mark_flag_as_required("protocol")
+
+
+FLAG_NAMES = (
+    "protocol", "name", "tasks", "targets", "modes", "seeds", "learning_rates", "reserve_ps",
+    "regularizers", "train_samples", "target_samples", "eval_sets", "set", "config", "data_dir",
+    "nli_dir", "fisher_cache_dir", "dry_run", "commit",
+)  # fmt: skip
 
 
 def key_values(items: list[str], flag: str) -> dict[str, str]:
@@ -285,6 +292,8 @@ def main(argv: list[str]) -> None:
 def run(argv: list[str] | None = None) -> None:
     """The ``childtuning-sweep`` entry."""
     define_flags()
+    if help_asked(sys.argv if argv is None else argv):
+        print_help("usage: childtuning-sweep --protocol=NAME [flags]", __doc__, FLAG_NAMES)
     app.run(main, argv=argv)
 
 

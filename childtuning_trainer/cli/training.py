@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from childtuning_trainer.cli import config_files
-from childtuning_trainer.cli.usage import fail
+from childtuning_trainer.cli.usage import fail, help_asked, indented
 
 FLAGS = flags.FLAGS
-HELP_ARGS = ("-h", "--help", "-help", "-?", "--helpshort", "-helpshort")
 TRACEBACK_HELP = (
     "Show the Python traceback of bad configuration or data instead of one line "
     "(also CHILDTUNING_TRACEBACK=1)."
@@ -44,13 +42,11 @@ def define_flags(default_config: str) -> None:
     )
 
 
-def indented(text: str) -> list[str]:
-    return textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
-
-
 def help_text(config_path: str) -> str:
     """``--help``: what the command does, its flags, and every setting with its default."""
     names = ", ".join(config_files.packaged_names())
+    packaged = os.path.dirname(os.path.abspath(config_path)) == config_files.PACKAGED_DIR
+    label = os.path.basename(config_path)[:-3] if packaged else config_path
     return "\n".join(
         [
             "usage: childtuning-train [--config=NAME|FILE] [--config.KEY=VALUE ...] [--traceback]",
@@ -64,7 +60,7 @@ def help_text(config_path: str) -> str:
             "  --helpfull",
             "      every flag, absl's included",
             "",
-            f"settings of {config_path} (--config.KEY=VALUE; default shown):",
+            f"settings of {label} (--config.KEY=VALUE; default shown):",
             config_files.settings_help(config_path),
         ]
     )
@@ -81,7 +77,7 @@ def checked_argv(argv: list[str]) -> list[str]:
         config = config_files.load(path)
     except Exception as e:  # the user's own file: one line naming it
         fail(f"--config={path}: {type(e).__name__}: {e}")
-    if any(arg in HELP_ARGS for arg in argv[1:]):
+    if help_asked(argv):
         print(help_text(path))
         sys.exit(0)
     try:
@@ -96,9 +92,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    config = FLAGS.config
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        fail(f"config.output_dir={config.output_dir!r} is a file; name a folder.", status=1)
     from childtuning_trainer import loop  # after the command line is checked: JAX starts here
 
-    config = FLAGS.config
     try:
         outcome = loop.train_and_evaluate(config)
     except (ValueError, OSError) as e:  # bad configuration or data: one line, no traceback
