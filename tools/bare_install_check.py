@@ -110,7 +110,22 @@ def main() -> None:
     loaded = [n for n in NOT_IMPORTED[:-1] + NOT_THE_LIBRARY if n in sys.modules]
     if loaded:
         raise SystemExit(f"using the library imported {loaded}")
+    if "--expect-bare" in sys.argv:
+        check_commands_name_the_extra()
     print("bare install: ok")
+
+
+def check_commands_name_the_extra() -> None:
+    """Without the train extra, ``childtuning-train`` says how to install it, in one line."""
+    import subprocess
+
+    script = pathlib.Path(sys.executable).parent / "childtuning-train"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True)
+    expected = (
+        'error: childtuning-train needs the train extra: pip install "childtuning-jax[train]"'
+    )
+    if done.returncode != 1 or not done.stderr.startswith(expected) or done.stderr.count("\n") != 1:
+        raise SystemExit(f"childtuning-train without the extra: {done.returncode} {done.stderr!r}")
 
 
 if __name__ == "__main__":
