@@ -118,7 +118,7 @@ def evaluate_only(run_settings: Settings) -> tuple[dict, Any]:
     )
     with warnings.catch_warnings():
         if source.checkpoints:  # the head comes from the checkpoint
-            warnings.filterwarnings("ignore", "newly initialised")
+            warnings.filterwarnings("ignore", ".*newly initialised")
         run = prepare(run_settings)
     run.manager.close()
     params = run.params if source.checkpoints is None else restore_params(source, run.params)

@@ -78,7 +78,7 @@ def _read_tree(path: str) -> Any:
     if os.path.isdir(path):
         with warnings.catch_warnings():
             # a tensor missing from model/: not this model's parameters
-            warnings.filterwarnings("error", "newly initialised|re-initialised")
+            warnings.filterwarnings("error", ".*(newly |re-)initialised")
             module = from_pretrained(path)
         return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     with open(path, "rb") as f:

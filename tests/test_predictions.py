@@ -162,6 +162,13 @@ def test_saved_model_round_trip_labels_and_mismatch(tmp_path):
         saved_model.load_params(str(tmp_path), two)
     with pytest.raises(FileNotFoundError):
         saved_model.load_params(str(tmp_path / "nowhere"), params)
+    # A model/ without its head is not this model (its head would be a random one).
+    from safetensors.numpy import load_file, save_file
+
+    weights = tmp_path / "model" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "classifier" not in k}, weights)
+    with pytest.raises(ValueError, match="newly initialised"):
+        saved_model.load_params(str(tmp_path), other)
 
 
 def test_legacy_params_msgpack_is_still_read(tmp_path):

@@ -45,7 +45,7 @@ def load_source(record: dict, params_path: str | None) -> nnx.Module:
     config = record["config"]
     task = tasks.get_task(config["task"])
     with warnings.catch_warnings():  # its head is replaced by the saved one, or never used
-        warnings.filterwarnings("ignore", "newly initialised")
+        warnings.filterwarnings("ignore", ".*newly initialised")
         module = from_pretrained(config["model"], num_labels=task.num_labels, seed=config["seed"])
     if params_path is None:
         return module
