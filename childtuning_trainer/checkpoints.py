@@ -48,10 +48,11 @@ RESUME_KEYS = (
     "bucket_multiple",
     "max_buckets",
     "bucket_min_share",
+    "save_best",  # model/ holds the best epoch's weights from the first epoch on
     *regularization.CONFIG_KEYS,
 )
 # What a key added later meant in checkpoints written before it existed.
-LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0}
+LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0, "save_best": False}
 
 
 def checkpoint_manager(outputs: OutputSettings) -> ocp.CheckpointManager:

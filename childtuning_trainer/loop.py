@@ -22,20 +22,19 @@ import optax
 from childtuning_jax import template_child_mask, uniform_leaf_names
 from childtuning_trainer import (
     checkpoints,
-    distributed,
+    evaluation,
     extra_eval,
+    final_outputs,
     mask_rules,
     optimizer_chain,
     outputs,
     parallel,
-    saved_model,
     steps,
 )
 from childtuning_trainer.progress import EpochClock, Progress
 from childtuning_trainer.run_setup import Run, prepare
 from childtuning_trainer.settings import Settings
 from childtuning_trainer.steps import TrainState
-from childtuning_trainer.tasks import Task
 from childtuning_trainer.tasks import metrics as task_metrics
 
 
@@ -125,12 +124,17 @@ def evaluate_epoch(
 
 
 def train_loop(
-    run: Run, state: TrainState, tx: optax.GradientTransformation, progress: Progress
+    run: Run,
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    progress: Progress,
+    on_evaluation: Callable[[TrainState, Progress], None] | None = None,
 ) -> TrainState | None:
     """Trains from ``progress.step`` to the end, evaluating and checkpointing on the way.
 
-    ``state`` is replicated over the devices; ``progress`` is updated in place. Returns the final
-    state, or ``None`` if ``stop_after_steps`` stopped the run.
+    ``state`` is replicated over the devices; ``progress`` is updated in place; ``on_evaluation``
+    is called after each evaluation. Returns the final state, or ``None`` if ``stop_after_steps``
+    stopped the run.
     """
     outs, mode = run.settings.outputs, run.settings.child_tuning.mode
     p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
@@ -164,16 +168,15 @@ def train_loop(
         if outs.eval_every_epoch or progress.step == run.total_steps:
             metrics = evaluate_epoch(run, p_eval_step, state, progress, epoch)
             log.evaluation(progress.step, epoch + 1, metrics)
+            if on_evaluation is not None:
+                on_evaluation(state, progress)
         save_checkpoint(run, state, progress, log.interval_losses)
         log.restart(progress.step)  # the next interval does not count evaluation
     log.close()
     return state
 
 
-def best_epoch(history: list[dict], task: Task) -> dict:
-    """The epoch with the highest first metric of the task (the earliest among ties)."""
-    key = task.metrics[0]
-    return max(history, key=lambda h: (h["eval"][key], -h["epoch"]))
+best_epoch = task_metrics.best_epoch  # the epoch with the highest first metric of the task
 
 
 def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
@@ -218,13 +221,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     """Fine-tunes ``config.model`` on ``config.task``.
 
     Bad input is reported before any model weight is loaded. Writes checkpoints, ``metrics.jsonl``,
-    ``results.json`` (and ``mask_summary.json`` for ChildTuning-D) to ``config.output_dir``.
+    ``results.json``, ``model/``, ``predictions/`` (and ``mask_summary.json`` for ChildTuning-D) to
+    ``config.output_dir``; ``config.do_train=False`` evaluates and predicts only
+    (:mod:`childtuning_trainer.evaluation`).
 
     Returns:
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
       parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
     """
-    run = prepare(Settings.from_config(config))
+    run_settings = Settings.from_config(config)
+    if not run_settings.outputs.do_train:
+        return evaluation.evaluate_only(run_settings)
+    run = prepare(run_settings)
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
     progress.global_batch_size = run.global_batch
@@ -233,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     state = parallel.replicate(host_state, run.devices)
     del host_state
     run.params = None  # the devices hold the parameters now
-    state = train_loop(run, state, tx, progress)
+    best = final_outputs.BestModel(run) if run.settings.outputs.save_best else None
+    state = train_loop(run, state, tx, progress, best.update if best else None)
     run.manager.wait_until_finished()
     run.manager.close()
     if state is None:
@@ -249,8 +258,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     )
     results = results_of(run, progress, extra)
     host_params = parallel.to_host(state.params)
-    output_dir = run.settings.outputs.output_dir
-    if run.settings.outputs.save_model and distributed.is_writer():
-        saved_model.save_params(output_dir, host_params)
-    outputs.write_json(os.path.join(output_dir, "results.json"), results)
+    results.update(final_outputs.finish(run, state.params, host_params, progress, best))
+    outputs.write_json(os.path.join(run.settings.outputs.output_dir, "results.json"), results)
     return results, host_params

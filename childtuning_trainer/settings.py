@@ -114,6 +114,9 @@ class OutputSettings:
     keep_checkpoints: int
     save_model: bool
     stop_after_steps: int
+    save_best: bool = False  # model/ holds the best epoch's weights (final_outputs)
+    do_train: bool = True  # False: evaluate and predict with config.model (evaluation)
+    write_predictions: bool = True  # output_dir/predictions/ (predictions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +282,8 @@ def output_settings(config: ml_collections.ConfigDict) -> OutputSettings:
     """The output keys (``output_dir`` must name a folder)."""
     if not config.output_dir:
         raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
+    if config.save_best and not config.save_model:
+        raise ValueError("config.save_best=True needs config.save_model=True (it saves model/).")
     return OutputSettings(
         output_dir=config.output_dir,
         resume=config.resume,
@@ -289,4 +294,7 @@ def output_settings(config: ml_collections.ConfigDict) -> OutputSettings:
         keep_checkpoints=config.keep_checkpoints,
         save_model=config.save_model,
         stop_after_steps=config.stop_after_steps,
+        save_best=config.save_best,
+        do_train=config.do_train,
+        write_predictions=config.write_predictions,
     )

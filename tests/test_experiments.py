@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from childtuning_jax import fisher_mask, leaf_names
-from childtuning_trainer import mask_rules, saved_model
+from childtuning_trainer import mask_rules
 from childtuning_trainer.experiments import (
     figures,
     probe,
@@ -695,33 +695,6 @@ def test_pretrained_reference_takes_a_finished_source_runs_record(tmp_path, monk
     assert probe.finished_source(references[1], taskgen) == (None, None)  # seed 52: none yet
     # A fine-tuned source needs its saved parameters as well as its record.
     assert probe.finished_source(d_run, taskgen) == (None, None)
-
-
-def test_saved_model_round_trip_and_mismatch(tmp_path):
-    from flax import nnx
-
-    from childtuning_jax.models import from_config
-
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    _, params, _ = nnx.split(from_config(config, num_labels=2, seed=0), nnx.Param, ...)
-    _, other, _ = nnx.split(from_config(config, num_labels=2, seed=1), nnx.Param, ...)
-    saved_model.save_params(str(tmp_path), params)
-    loaded = saved_model.load_params(str(tmp_path), other)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
-        np.testing.assert_array_equal(a, b)
-    _, three, _ = nnx.split(from_config(config, num_labels=3, seed=0), nnx.Param, ...)
-    with pytest.raises(ValueError, match="does not hold parameters of this model"):
-        saved_model.load_params(str(tmp_path), three)
-    with pytest.raises(FileNotFoundError):
-        saved_model.load_params(str(tmp_path / "nowhere"), params)
 
 
 def test_linear_head_learns_separable_features():

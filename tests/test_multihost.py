@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import serialization
 
 from childtuning_jax import fisher_information
-from childtuning_trainer import distributed, loop, outputs, parallel, steps
+from childtuning_trainer import distributed, loop, outputs, parallel, saved_model, steps
 from childtuning_trainer.settings import parallelism_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +108,8 @@ def test_two_processes_train_as_one(one_process, workdir, tiny_model, make_confi
         mode, parallelism = run.split(":")
         run_dir = out / f"{mode}_{parallelism}"
         results = json.loads((run_dir / "results.json").read_text())
-        params = serialization.msgpack_restore((run_dir / "params.msgpack").read_bytes())
         reference = one_process(mode, "pmap")
+        params = _pure(saved_model.load_params(str(run_dir), reference[1]))
         _assert_same_training((results, params), (reference[0], _pure(reference[1])))
         assert results["num_devices"] == 4 and results["global_batch_size"] == GLOBAL_BATCH
         digests = [json.loads((run_dir / f"digest_{i}.json").read_text()) for i in (0, 1)]

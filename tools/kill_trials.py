@@ -187,10 +187,9 @@ def resume_launched(model: str, output_dir: str, logs: str) -> None:
 
 def outcome(output_dir: str) -> dict:
     """What a finished run leaves that must not depend on a kill: params, history, log lines."""
-    from flax import serialization
+    from safetensors.numpy import load_file
 
-    with open(os.path.join(output_dir, "params.msgpack"), "rb") as f:
-        params = serialization.msgpack_restore(f.read())
+    params = load_file(os.path.join(output_dir, "model", "model.safetensors"))
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:

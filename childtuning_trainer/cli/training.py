@@ -107,6 +107,11 @@ def main(argv: list[str]) -> None:
         print(f"Stopped after step {config.stop_after_steps}; resume to continue.")
         return
     results, _ = outcome
+    if results.get("evaluation"):  # config.do_train=False
+        print(
+            json.dumps({k: results[k] for k in ("task", "model", "eval", "predictions")}, indent=2)
+        )
+        return
     summary = {k: results[k] for k in ("task", "mode", "reserve_p", "steps", "eval", "best")}
     summary.update({k: round(results[k], 1) for k in ("train_time_s", "eval_time_s")})
     if results["fisher_time_s"] is not None:

@@ -125,8 +125,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only
     config.checkpoint_every_steps = 200  # steps between checkpoints (also one at every epoch end)
     config.keep_checkpoints = 2  # the newest checkpoints kept
-    config.save_model = True  # the final parameters as output_dir/params.msgpack
+    config.save_model = True  # output_dir/model/: the model (HF format) and its tokenizer
     config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)
+    # What the run leaves: model/ and predictions (childtuning_trainer.final_outputs).
+    config.save_best = False  # True: model/ holds the best epoch's weights (on the dev metric)
+    config.do_train = True  # False: only evaluate and predict with config.model (a run's model/)
+    config.write_predictions = True  # output_dir/predictions/<split>.tsv (+ GLUE submission files)
     return config
 
 

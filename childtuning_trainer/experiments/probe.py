@@ -45,7 +45,7 @@ def load_source(record: dict, params_path: str | None) -> nnx.Module:
     config = record["config"]
     task = tasks.get_task(config["task"])
     with warnings.catch_warnings():  # its head is replaced by the saved one, or never used
-        warnings.filterwarnings("ignore", "newly initialised")
+        warnings.filterwarnings("ignore", ".*newly initialised")
         module = from_pretrained(config["model"], num_labels=task.num_labels, seed=config["seed"])
     if params_path is None:
         return module
@@ -176,7 +176,7 @@ def finished_source(spec: RunSpec, protocol: Protocol) -> tuple[dict | None, str
         sources = (s for s in protocol.specs if pretrained(s) == spec and s.run_id in done)
         return next((done[s.run_id] for s in sources), None), None
     params_path = os.path.join(store.WORK_DIR, spec.run_id)
-    if not os.path.exists(os.path.join(params_path, saved_model.FILENAME)):
+    if saved_model.saved_model_path(params_path) is None:
         return None, None
     return done.get(spec.run_id), params_path
 

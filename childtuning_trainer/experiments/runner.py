@@ -99,7 +99,7 @@ def run_one(
     The record is the run's ``results.json`` with the run id, overrides, command, wall time and
     logged training losses, appended to ``results_file``.
     Once it is saved the run's checkpoints are deleted (unless ``keep_checkpoints``); its
-    ``params.msgpack``, logs and ``results.json`` stay in its work folder.
+    ``model/``, predictions, logs and ``results.json`` stay in its work folder.
 
     Raises:
       RuntimeError: the run failed (its last error line and the log file are named).

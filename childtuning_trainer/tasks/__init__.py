@@ -8,7 +8,7 @@ registered here.
 from __future__ import annotations
 
 from childtuning_trainer.tasks import glue, nli
-from childtuning_trainer.tasks.base import DataError, EvalSet, Examples, Task
+from childtuning_trainer.tasks.base import DataError, EvalSet, Examples, Task, TestSplit
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -41,4 +41,13 @@ def task_names() -> list[str]:
 for _task in (*glue.TASKS.values(), *nli.TASKS.values()):
     register(_task)
 
-__all__ = ["DataError", "EvalSet", "Examples", "Task", "get_task", "register", "task_names"]
+__all__ = [
+    "DataError",
+    "EvalSet",
+    "Examples",
+    "Task",
+    "TestSplit",
+    "get_task",
+    "register",
+    "task_names",
+]

@@ -49,6 +49,22 @@ class Examples(NamedTuple):
         return Examples(pick(self.text_a), pick(self.text_b), self.labels[np.asarray(indices)])
 
 
+class TestSplit(NamedTuple):
+    """An unlabelled split to predict (e.g. a GLUE test set).
+
+    Attributes:
+      name: the predictions file's name, ``predictions/<name>.tsv``.
+      ids: each example's id (the file's index column), in file order.
+      examples: the texts; the labels are placeholders (0).
+      submission: the benchmark's name for the predictions file (GLUE: ``RTE.tsv``), or ``None``.
+    """
+
+    name: str
+    ids: list[str]
+    examples: Examples
+    submission: str | None = None
+
+
 class EvalSet(Protocol):
     """One evaluation split: ``name`` identifies it in results; ``suffix`` ends its metric names."""
 
@@ -68,6 +84,9 @@ class Task(Protocol):
       metrics: metric names (see :mod:`childtuning_trainer.tasks.metrics`); the first one selects
         the best epoch.
       dev_sets: the evaluation splits, in the order ``load_splits`` returns them.
+
+    A task may also have ``load_test_splits(data_dir) -> list[TestSplit]``: the unlabelled splits
+    present in ``data_dir`` to write predictions for (``childtuning_trainer.predictions``).
     """
 
     name: str

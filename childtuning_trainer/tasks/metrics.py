@@ -44,6 +44,13 @@ def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[s
     return out
 
 
+def best_epoch(history: list[dict], task: Task) -> dict:
+    """The epoch of ``history`` (``{"epoch", "eval"}`` entries) with the highest first metric of
+    the task (the earliest among ties)."""
+    key = task.metrics[0]
+    return max(history, key=lambda h: (h["eval"][key], -h["epoch"]))
+
+
 def trivial_baseline(
     task: Task, train_labels: np.ndarray, dev_labels: np.ndarray
 ) -> tuple[str, dict[str, float]]:

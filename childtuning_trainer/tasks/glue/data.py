@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
-from childtuning_trainer.tasks.base import DataError, Examples, split_row
+from childtuning_trainer.tasks.base import DataError, Examples, TestSplit, split_row
 
 if TYPE_CHECKING:
     from childtuning_trainer.tasks.glue.tasks import GlueTask
@@ -63,13 +63,18 @@ def parse_label(task: GlueTask, value: str, where: str) -> float | int:
     return task.labels.index(value)
 
 
-def read_tsv(task: GlueTask, path: str) -> Examples:
-    """Reads one split of ``task`` from the GLUE TSV file at ``path``."""
+def _lines(path: str) -> list[str]:
+    """The lines of a GLUE TSV file (BOM, a last newline and CRs removed)."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":  # the file ends with a newline (CoLA's dev.tsv does not)
         lines.pop()
-    lines = [line.removesuffix("\r") for line in lines]
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_tsv(task: GlueTask, path: str) -> Examples:
+    """Reads one split of ``task`` from the GLUE TSV file at ``path``."""
+    lines = _lines(path)
     first = 1
     header = task.header
     if header is None:
@@ -111,6 +116,56 @@ def load_tsv_splits(task: GlueTask, data_dir: str) -> tuple[Examples, list[Examp
     return train, dev
 
 
+def read_test_tsv(task: GlueTask, path: str) -> tuple[list[str], Examples]:
+    """The ids (the ``index`` column; QQP: ``id``) and texts of a GLUE test file (a header line,
+    no labels); the labels are placeholders."""
+    lines = _lines(path)
+    header = lines[0].split("\t") if lines else []
+    id_column = next((c for c in ("index", "id") if c in header), None)
+    missing = [c for c in task.text_columns if c not in header] + ([] if id_column else ["index"])
+    if missing:
+        raise GlueDataError(f"{path}:1: header {header} lacks column(s) {missing}.")
+    index = [header.index(c) for c in (id_column, *task.text_columns)]
+    rows = [
+        split_row(line, len(header), f"{path}:{lineno}", GlueDataError)
+        for lineno, line in enumerate(lines[1:], start=2)
+    ]
+    if not rows:
+        raise GlueDataError(f"{path}: no examples.")
+    ids, *texts = ([row[i] for row in rows] for i in index)
+    text_b = texts[1] if len(texts) > 1 else None
+    return ids, Examples(texts[0], text_b, np.zeros(len(ids), np.int32))
+
+
+def load_hub_test_splits(task: GlueTask) -> list[TestSplit]:
+    """The test splits of ``task`` in ``nyu-mll/glue`` (ids: its ``idx`` column)."""
+    ds, columns = _hub_dataset(task), task.hub_text_columns or task.text_columns
+    splits = []
+    for test in task.tests():
+        if test.hub_split in ds:
+            d = ds[test.hub_split]
+            text_b = list(d[columns[1]]) if len(columns) > 1 else None
+            examples = Examples(list(d[columns[0]]), text_b, np.zeros(len(d), np.int32))
+            splits.append(
+                TestSplit(test.name, [str(i) for i in d["idx"]], examples, test.submission)
+            )
+    return splits
+
+
+def load_test_splits(task: GlueTask, data_dir: str | None) -> list[TestSplit]:
+    """The test splits of ``task`` whose files are in the GLUE folder ``data_dir``, or on the hub
+    if it is empty."""
+    if not data_dir:
+        return load_hub_test_splits(task)
+    splits = []
+    for test in task.tests():
+        path = os.path.normpath(os.path.join(data_dir, task.folder, test.filename))
+        if os.path.isfile(path):
+            ids, examples = read_test_tsv(task, path)
+            splits.append(TestSplit(test.name, ids, examples, test.submission))
+    return splits
+
+
 def hub_resolves(host: str | None) -> bool:
     """Whether ``host`` has an address (no network: fail at once, not after the hub's retries)."""
     try:
@@ -120,8 +175,8 @@ def hub_resolves(host: str | None) -> bool:
     return True
 
 
-def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
-    """The training split and every dev split of ``task`` from the ``nyu-mll/glue`` hub dataset."""
+def _hub_dataset(task: GlueTask) -> datasets.DatasetDict:
+    """``nyu-mll/glue``'s copy of ``task``, or one line saying why it cannot be loaded."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     if not offline and not hub_resolves(host):
@@ -138,6 +193,12 @@ def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
             f"Cannot load {HUB_DATASET}/{task.name} from the hub ({reason}); without network, "
             "set --config.data_dir to a folder of the original GLUE files."
         ) from e
+    return ds
+
+
+def load_hub_splits(task: GlueTask) -> tuple[Examples, list[Examples]]:
+    """The training split and every dev split of ``task`` from the ``nyu-mll/glue`` hub dataset."""
+    ds = _hub_dataset(task)
     columns = task.hub_text_columns or task.text_columns
     if not task.is_regression:
         names = ds["train"].features["label"].names

@@ -6,9 +6,10 @@ original TSV files and one fine-tuned from the hub agree on what class ``i`` mea
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
-from childtuning_trainer.tasks.base import Examples
+from childtuning_trainer.tasks.base import Examples, TestSplit
 from childtuning_trainer.tasks.glue import data
 
 
@@ -30,6 +31,20 @@ class DevSet(NamedTuple):
         return self.filename
 
 
+class TestSet(NamedTuple):
+    """One unlabelled test split of a task: its file (relative to the task folder), GLUE's name
+    for the submission file of its predictions (``MNLI-m.tsv``), and its split on the hub
+    (``None``: not in the task's ``nyu-mll/glue`` config)."""
+
+    filename: str
+    submission: str
+    hub_split: str | None = "test"
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self.filename))[0]
+
+
 class GlueTask(NamedTuple):
     """What the readers, the trainer and the metrics need to know about a GLUE task.
 
@@ -46,6 +61,7 @@ class GlueTask(NamedTuple):
       dev_sets: the evaluation splits (two for MNLI).
       hub_text_columns: the text columns' names on the hub, when they differ from the TSV header.
       label_range: the closed interval a regression target must lie in.
+      test_sets: the unlabelled test splits; empty: ``test.tsv``, submitted as ``<folder>.tsv``.
     """
 
     name: str
@@ -58,6 +74,7 @@ class GlueTask(NamedTuple):
     dev_sets: tuple[DevSet, ...] = (DevSet("dev.tsv", "validation"),)
     hub_text_columns: tuple[str, ...] | None = None
     label_range: tuple[float, float] | None = None
+    test_sets: tuple[TestSet, ...] = ()
 
     @property
     def is_regression(self) -> bool:
@@ -71,6 +88,14 @@ class GlueTask(NamedTuple):
     def load_splits(self, data_dir: str | None) -> tuple[Examples, list[Examples]]:
         """The training and dev splits from a GLUE folder, or from the hub if it is empty."""
         return data.load_splits(self, data_dir)
+
+    def tests(self) -> tuple[TestSet, ...]:
+        """The test splits (:attr:`test_sets`, or the default ``test.tsv``)."""
+        return self.test_sets or (TestSet("test.tsv", f"{self.folder}.tsv"),)
+
+    def load_test_splits(self, data_dir: str | None) -> list[TestSplit]:
+        """The test splits in the GLUE folder ``data_dir``, or on the hub if it is empty."""
+        return data.load_test_splits(self, data_dir)
 
 
 _BINARY = ("0", "1")
@@ -127,6 +152,12 @@ TASKS: dict[str, GlueTask] = {
                 DevSet("dev_mismatched.tsv", "validation_mismatched", "_mm"),
             ),
             hub_text_columns=("premise", "hypothesis"),
+            # GLUE's diagnostic set (AX) is predicted by the MNLI model.
+            test_sets=(
+                TestSet("test_matched.tsv", "MNLI-m.tsv", "test_matched"),
+                TestSet("test_mismatched.tsv", "MNLI-mm.tsv", "test_mismatched"),
+                TestSet("../diagnostic/diagnostic.tsv", "AX.tsv", None),
+            ),
         ),
         GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, ("accuracy",)),
         GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, ("accuracy",)),
