@@ -28,6 +28,7 @@ from childtuning_trainer import (
     optimizer_chain,
     outputs,
     parallel,
+    run_folder,
     saved_model,
     steps,
 )
@@ -222,9 +223,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
 
     Returns:
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
-      parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
+      parameters on the host (``None`` if ``resume`` found the run finished: nothing is done).
+      ``None`` when ``config.stop_after_steps`` ended the run early.
     """
-    run = prepare(Settings.from_config(config))
+    run_settings = Settings.from_config(config)
+    if (finished := run_folder.finished_results(run_settings)) is not None:
+        print(f"{run_settings.outputs.output_dir!r} holds a finished run; nothing to do.")
+        return finished, None
+    run = prepare(run_settings)
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
     progress.global_batch_size = run.global_batch

@@ -106,6 +106,7 @@ class OutputSettings:
 
     output_dir: str
     resume: bool
+    overwrite: bool
     eval_every_epoch: bool
     log_every_steps: int
     tensorboard: bool
@@ -278,9 +279,13 @@ def output_settings(config: ml_collections.ConfigDict) -> OutputSettings:
     """The output keys (``output_dir`` must name a folder)."""
     if not config.output_dir:
         raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
+    overwrite = config.get("overwrite", False)
+    if config.resume and overwrite:
+        raise ValueError("config.resume and config.overwrite exclude each other; set one.")
     return OutputSettings(
         output_dir=config.output_dir,
         resume=config.resume,
+        overwrite=overwrite,
         eval_every_epoch=config.eval_every_epoch,
         log_every_steps=config.log_every_steps,
         tensorboard=config.tensorboard,

@@ -120,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Output, logging, checkpoints.
     config.output_dir = ""
     config.resume = False
+    config.overwrite = False  # True: delete the run files already in output_dir (else refused)
     config.eval_every_epoch = True  # False: evaluate after the last epoch only (saves CPU time)
     config.log_every_steps = 10
     config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only
