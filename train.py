@@ -6,8 +6,9 @@
 Every key of the configuration (see configs/glue.py) can be overridden as ``--config.KEY=VALUE``.
 The run writes checkpoints, ``metrics.jsonl``, ``results.json`` (and for ChildTuning-D
 ``mask_summary.json``) to ``output_dir``; ``--config.resume=true`` continues from its newest
-checkpoint. Bad configuration or data prints one ``error: ...`` line and exits with status 1
-(``--traceback`` shows the traceback).
+checkpoint. SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a checkpoint, prints
+the command that resumes the run and exits with 130 or 143. Bad configuration or data prints one
+``error: ...`` line and exits with status 1 (``--traceback`` shows the traceback).
 """
 
 import json
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from childtuning_trainer import loop
+from childtuning_trainer import interruption, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/glue.py", "Training configuration (a configs/*.py file).", lock_config=True
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         outcome = loop.train_and_evaluate(_CONFIG.value)
+    except interruption.Interrupted as e:  # SIGINT / SIGTERM: checkpointed, or a second signal
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_status)
     except (ValueError, OSError) as e:  # bad configuration or data: one line, no traceback
         if _TRACEBACK.value:
             raise
