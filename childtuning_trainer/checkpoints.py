@@ -54,10 +54,21 @@ RESUME_KEYS = (
     "bucket_multiple",
     "max_buckets",
     "bucket_min_share",
+    "train_file",
+    "text_columns",
+    "label_column",
+    "label_type",
     *regularization.CONFIG_KEYS,
 )
 # What a key added later meant in checkpoints written before it existed.
-LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0}
+LEGACY_VALUES = {
+    "max_buckets": 0,
+    "bucket_min_share": 0.0,
+    "train_file": "",
+    "text_columns": "sentence",
+    "label_column": "label",
+    "label_type": "classification",
+}
 
 
 def checkpoint_manager(outputs: OutputSettings) -> ocp.CheckpointManager:

@@ -206,6 +206,7 @@ def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
     )
     return {
         "task": task.name,
+        "labels": list(task.labels),  # label id i is labels[i]; empty for regression
         "mode": run_settings.child_tuning.mode,
         "reserve_p": run.reserve_p,
         "regularizer": run_settings.regularizer.settings(),

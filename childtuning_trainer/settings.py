@@ -29,6 +29,7 @@ from childtuning_trainer import (
 )
 from childtuning_trainer.optimizer_chain import OptimizerSettings
 from childtuning_trainer.regularization import Regularizer
+from childtuning_trainer.tasks import own_data
 
 # config.dtype -> the models' compute dtype (parameters, optimizer state, Fisher and masks stay
 # float32 whatever it is).
@@ -138,7 +139,7 @@ class Settings:
         bad key. Mixout replaces dropout: an unset ``dropout`` becomes 0 (see
         :func:`childtuning_trainer.regularization.mixout_dropout`)."""
         parallelism = parallelism_settings(config)
-        task = tasks.get_task(config.task)
+        task = task_of(config)
         child_tuning = child_tuning_settings(config, task)
         optimizer = optimizer_settings(config)
         for key in POSITIVE_KEYS:
@@ -169,6 +170,23 @@ class Settings:
             outputs=outputs,
             config=raw,
         )
+
+
+def task_of(config: ml_collections.ConfigDict) -> tasks.Task:
+    """The registered task ``config.task``, or ``csv`` / ``jsonl``: your own files, read now
+    (:mod:`childtuning_trainer.tasks.own_data`)."""
+    if config.task not in own_data.FORMATS:
+        return tasks.get_task(config.task)
+    files = own_data.FileSettings(
+        config.task,
+        train_file=config.train_file,
+        validation_file=config.validation_file,
+        test_file=config.test_file,
+        text_columns=config.text_columns,
+        label_column=config.label_column,
+        label_type=config.label_type,
+    )
+    return own_data.load_task(files)
 
 
 POSITIVE_KEYS = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")

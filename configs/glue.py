@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick
+    # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick;
+    # your own files: csv | jsonl (train_file, validation_file, ... below)
     config.task = "rte"
     # GLUE: a folder in the original GLUE layout; NLI tasks: a folder holding snli/, mnli/, sick/
     # (../shared/nli). Empty: the task's hub dataset (nyu-mll/glue for GLUE).
@@ -39,6 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.bucket_min_share = 0.05
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
+    # Your own data, task "csv" (a header line; .tsv: tab-separated) or "jsonl" (JSON objects):
+    config.train_file = ""  # the training file; its labels, sorted, are the label set
+    config.validation_file = ""  # scored after every epoch (its first metric picks the best)
+    config.test_file = ""  # optional: scored too if it has label_column, else examples to predict
+    config.text_columns = "sentence"  # one column, or two comma-separated: "premise,hypothesis"
+    config.label_column = "label"
+    config.label_type = "classification"  # or "regression": float targets (Pearson, Spearman)
 
     # Extra evaluation sets for an NLI task (snli, mnli_m, sick, mnli, rte, qnli), scored in
     # full after training:
