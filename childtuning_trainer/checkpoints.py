@@ -7,7 +7,9 @@ where the data stream stands, and the dev results so far, so a resumed run conti
 A checkpoint is all or nothing: orbax writes the state and the JSON bookkeeping of a step into one
 temporary folder (``<step>.orbax-checkpoint-tmp-*``) and renames it to ``<step>`` once both are
 complete; ``latest_step`` never lists a temporary folder, and a new manager deletes those a killed
-run left. The state saved is one host copy (the same whatever the layout or process count), so a
+run left. A checkpoint that cannot be read back (a disk filled up, a file truncated) is set aside
+as ``<step>.corrupt`` with a warning, and the run resumes from the newest one that can. The state
+saved is one host copy (the same whatever the layout or process count), so a
 run can resume on another layout with the same global batch. In a multi-process run every
 process calls these functions (orbax synchronises them; process 0 writes the files).
 """
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from childtuning_trainer import parallel, regularization
+from childtuning_trainer.distributed import is_writer
 
 if TYPE_CHECKING:
     from childtuning_trainer.settings import OutputSettings, Settings
@@ -49,10 +55,22 @@ RESUME_KEYS = (
     "max_buckets",
     "bucket_min_share",
     "save_best",  # model/ holds the best epoch's weights from the first epoch on
+    "train_file",
+    "text_columns",
+    "label_column",
+    "label_type",
     *regularization.CONFIG_KEYS,
 )
 # What a key added later meant in checkpoints written before it existed.
-LEGACY_VALUES = {"max_buckets": 0, "bucket_min_share": 0.0, "save_best": False}
+LEGACY_VALUES = {
+    "max_buckets": 0,
+    "bucket_min_share": 0.0,
+    "save_best": False,
+    "train_file": "",
+    "text_columns": "sentence",
+    "label_column": "label",
+    "label_type": "classification",
+}
 
 
 def checkpoint_manager(outputs: OutputSettings) -> ocp.CheckpointManager:
@@ -97,6 +115,60 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: Any) -> tuple[A
         ),
     )
     return restored.state, restored.meta
+
+
+def restore_newest_readable(
+    manager: ocp.CheckpointManager, make_template: Callable[[dict], Any]
+) -> tuple[Any, dict] | None:
+    """The newest checkpoint that reads back, as (state on the host, meta), or ``None`` if there
+    is no checkpoint; ``make_template(meta)`` gives the state's structure.
+
+    A checkpoint that fails to read is named in a ``warning:`` line and renamed
+    ``<step>.corrupt`` (kept for inspection, never listed again); the one before it is tried.
+
+    Raises:
+      ValueError: there are checkpoints, and none of them can be read.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, make_template(meta))
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises
+            set_aside(manager, step, e)
+            continue
+        return restored.state, restored.meta
+    if steps:
+        raise ValueError(
+            f"No checkpoint in {str(manager.directory)!r} can be read (set aside as "
+            "<step>.corrupt); set --config.overwrite=true to start the run again."
+        )
+    return None
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    """Warns that checkpoint ``step`` cannot be read and renames it ``<step>.corrupt``."""
+    path = os.path.join(str(manager.directory), str(step))
+    cause = (str(error).strip().splitlines() or [""])[0][:200]
+    print(
+        f"warning: checkpoint {path} cannot be read ({type(error).__name__}: {cause}); "
+        "set aside as .corrupt, trying the one before it",
+        file=sys.stderr,
+        flush=True,
+    )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set_aside_{step}")
+    if is_writer():
+        os.replace(path, f"{path}.corrupt")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set_aside_{step}_done")
+    manager.reload()
 
 
 def check_resumable(settings: Settings, meta: dict, global_batch: int) -> None:

@@ -29,8 +29,10 @@ from childtuning_trainer import (
     optimizer_chain,
     outputs,
     parallel,
+    run_folder,
     steps,
 )
+from childtuning_trainer.interruption import StopRequest
 from childtuning_trainer.progress import EpochClock, Progress
 from childtuning_trainer.run_setup import Run, prepare
 from childtuning_trainer.settings import Settings
@@ -58,18 +60,22 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, P
 
 
 def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progress] | None:
-    """The newest checkpoint's state, the optimizer, and its bookkeeping, if there is one."""
-    saved_meta = checkpoints.restore_meta(run.manager)
-    if saved_meta is None:
-        return None
+    """The newest readable checkpoint's state, the optimizer, and its bookkeeping, if there is
+    one (an unreadable newer one is set aside with a warning)."""
     params = run.params
-    template_mask = template_child_mask(params, saved_meta.get("d_mask_uniform_leaves", []))
-    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=template_mask)
-    template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    restored = checkpoints.restore_checkpoint(run.manager, template)
+
+    def optimizer(meta: dict) -> optax.GradientTransformation:
+        mask = template_child_mask(params, meta.get("d_mask_uniform_leaves", []))
+        return optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=mask)
+
+    def template(meta: dict) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer(meta).init(params))
+
+    restored = checkpoints.restore_newest_readable(run.manager, template)
     if restored is None:
         return None
     state, meta = restored
+    tx = optimizer(meta)
     checkpoints.check_resumable(run.settings, meta, run.global_batch)
     progress = Progress.from_json(meta)
     print(f"Resuming from step {progress.step} in {run.settings.outputs.output_dir}")
@@ -129,14 +135,16 @@ def train_loop(
     tx: optax.GradientTransformation,
     progress: Progress,
     on_evaluation: Callable[[TrainState, Progress], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainState | None:
     """Trains from ``progress.step`` to the end, evaluating and checkpointing on the way.
 
     ``state`` is replicated over the devices; ``progress`` is updated in place; ``on_evaluation``
     is called after each evaluation. Returns the final state, or ``None`` if ``stop_after_steps``
-    stopped the run.
+    or a signal (``stop``, after a checkpoint) stopped the run.
     """
     outs, mode = run.settings.outputs, run.settings.child_tuning.mode
+    stop = stop or StopRequest(outs.log_every_steps)
     p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
     log = outputs.TrainingLog(
         outs.output_dir,
@@ -161,9 +169,13 @@ def train_loop(
             if step == outs.stop_after_steps:
                 log.close()
                 return None
-            if step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch:
+            stopping = bool(step % run.steps_per_epoch) and stop.requested(step)
+            if stopping or (step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch):
                 clock.lap()
                 save_checkpoint(run, state, progress, log.interval_losses)
+            if stopping:  # a signal: stop after this step's checkpoint
+                log.close()
+                return None
         progress.epoch_train_time_s.append(clock.lap())
         if outs.eval_every_epoch or progress.step == run.total_steps:
             metrics = evaluate_epoch(run, p_eval_step, state, progress, epoch)
@@ -171,6 +183,9 @@ def train_loop(
             if on_evaluation is not None:
                 on_evaluation(state, progress)
         save_checkpoint(run, state, progress, log.interval_losses)
+        if progress.step < run.total_steps and stop.requested(progress.step, agree=True):
+            log.close()
+            return None
         log.restart(progress.step)  # the next interval does not count evaluation
     log.close()
     return state
@@ -190,6 +205,7 @@ def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
     )
     return {
         "task": task.name,
+        "labels": list(task.labels),  # label id i is labels[i]; empty for regression
         "mode": run_settings.child_tuning.mode,
         "reserve_p": run.reserve_p,
         "regularizer": run_settings.regularizer.settings(),
@@ -227,11 +243,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
 
     Returns:
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
-      parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
+      parameters on the host (``None`` if ``resume`` found the run finished: nothing is done).
+      ``None`` when ``config.stop_after_steps`` ended the run early.
+
+    Raises:
+      interruption.Interrupted: SIGINT or SIGTERM stopped the run (after a checkpoint).
     """
     run_settings = Settings.from_config(config)
     if not run_settings.outputs.do_train:
         return evaluation.evaluate_only(run_settings)
+    if (finished := run_folder.finished_results(run_settings)) is not None:
+        print(f"{run_settings.outputs.output_dir!r} holds a finished run; nothing to do.")
+        return finished, None
+    with StopRequest(run_settings.outputs.log_every_steps) as stop:
+        return _train_and_evaluate(run_settings, stop)
+
+
+def _train_and_evaluate(run_settings: Settings, stop: StopRequest) -> tuple[dict, Any] | None:
     run = prepare(run_settings)
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
@@ -242,10 +270,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     del host_state
     run.params = None  # the devices hold the parameters now
     best = final_outputs.BestModel(run) if run.settings.outputs.save_best else None
-    state = train_loop(run, state, tx, progress, best.update if best else None)
+    state = train_loop(run, state, tx, progress, best.update if best else None, stop)
     run.manager.wait_until_finished()
     run.manager.close()
     if state is None:
+        stop.raise_if_stopped(progress.step)
         return None
     extra = extra_eval.evaluate(
         run.extra_sets,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from childtuning_trainer import (
     optimizer_chain,
     parallel,
     regularization,
+    run_folder,
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
@@ -137,13 +137,8 @@ def prepare(run_settings: Settings) -> Run:
     )
     extra_sets = extra_eval.load_sets(data_settings.extra_eval, task)
     model_check.check_model(model_settings.name, task, data_settings.max_seq_length)
-    os.makedirs(outs.output_dir, exist_ok=True)
+    run_folder.claim(outs)  # refuses another run's folder unless resume or overwrite
     manager = checkpoints.checkpoint_manager(outs)
-    if manager.latest_step() is not None and not outs.resume:
-        raise ValueError(
-            f"{outs.output_dir!r} already holds checkpoints; set --config.resume=true to "
-            "continue that run, or choose another output_dir."
-        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_settings.name)
     max_length = data_settings.max_seq_length
     data = input_pipeline.tokenize_all(train_examples, dev_examples, task, tokenizer, max_length)

@@ -30,6 +30,7 @@ from childtuning_trainer import (
 )
 from childtuning_trainer.optimizer_chain import OptimizerSettings
 from childtuning_trainer.regularization import Regularizer
+from childtuning_trainer.tasks import own_data
 
 # config.dtype -> the models' compute dtype (parameters, optimizer state, Fisher and masks stay
 # float32 whatever it is).
@@ -107,6 +108,7 @@ class OutputSettings:
 
     output_dir: str
     resume: bool
+    overwrite: bool
     eval_every_epoch: bool
     log_every_steps: int
     tensorboard: bool
@@ -141,7 +143,7 @@ class Settings:
         bad key. Mixout replaces dropout: an unset ``dropout`` becomes 0 (see
         :func:`childtuning_trainer.regularization.mixout_dropout`)."""
         parallelism = parallelism_settings(config)
-        task = tasks.get_task(config.task)
+        task = task_of(config)
         child_tuning = child_tuning_settings(config, task)
         optimizer = optimizer_settings(config)
         for key in POSITIVE_KEYS:
@@ -172,6 +174,23 @@ class Settings:
             outputs=outputs,
             config=raw,
         )
+
+
+def task_of(config: ml_collections.ConfigDict) -> tasks.Task:
+    """The registered task ``config.task``, or ``csv`` / ``jsonl``: your own files, read now
+    (:mod:`childtuning_trainer.tasks.own_data`)."""
+    if config.task not in own_data.FORMATS:
+        return tasks.get_task(config.task)
+    files = own_data.FileSettings(
+        config.task,
+        train_file=config.train_file,
+        validation_file=config.validation_file,
+        test_file=config.test_file,
+        text_columns=config.text_columns,
+        label_column=config.label_column,
+        label_type=config.label_type,
+    )
+    return own_data.load_task(files)
 
 
 POSITIVE_KEYS = ("learning_rate", "num_train_epochs", "per_device_batch_size", "max_seq_length")
@@ -284,9 +303,13 @@ def output_settings(config: ml_collections.ConfigDict) -> OutputSettings:
         raise ValueError("config.output_dir is empty; name a folder for checkpoints and results.")
     if config.save_best and not config.save_model:
         raise ValueError("config.save_best=True needs config.save_model=True (it saves model/).")
+    overwrite = config.get("overwrite", False)
+    if config.resume and overwrite:
+        raise ValueError("config.resume and config.overwrite exclude each other; set one.")
     return OutputSettings(
         output_dir=config.output_dir,
         resume=config.resume,
+        overwrite=overwrite,
         eval_every_epoch=config.eval_every_epoch,
         log_every_steps=config.log_every_steps,
         tensorboard=config.tensorboard,

@@ -167,7 +167,7 @@ def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, make_config,
     assert not (out / "results.json").exists()
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "3", "4"]
 
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="is not empty"):
         loop.train_and_evaluate(make_config(tiny_model, out, task=task, mode=mode))
     with pytest.raises(ValueError, match="checkpoint has learning_rate=0.001"):
         loop.train_and_evaluate(

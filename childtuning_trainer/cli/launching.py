@@ -11,6 +11,7 @@ If one process fails or is killed, the others are stopped and this exits with it
 """
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,6 +71,8 @@ def main(argv: list[str]) -> None:
     log_dir = _LOG_DIR.value or tempfile.mkdtemp(prefix="launch_")
     os.makedirs(log_dir, exist_ok=True)
     processes, logs = [], []
+    # The command that resumes the run, as the processes print it (trainer: interruption.py).
+    command_env = {"CHILDTUNING_COMMAND": shlex.join([sys.executable, *sys.argv])}
     for i in range(n):
         script = _SCRIPT.value
         program = [script] if script.endswith(".py") else ["-m", script]
@@ -84,14 +87,24 @@ def main(argv: list[str]) -> None:
             out = open(os.path.join(log_dir, f"process_{i}.log"), "w")
             logs.append(out)
         processes.append(
-            subprocess.Popen(
-                command, env=process_env(m), stdout=out, stderr=out and subprocess.STDOUT
+            subprocess.Popen(  # own session: a terminal's Ctrl-C reaches them once, from here
+                command,
+                env={**process_env(m), **command_env},
+                stdout=out,
+                stderr=out and subprocess.STDOUT,
+                start_new_session=True,
             )
         )
         print(f"launch: process {i} pid {processes[-1].pid}", file=sys.stderr, flush=True)
     print(f"launch: {n} x {m} devices, coordinator {address}, logs in {log_dir}", file=sys.stderr)
 
-    def forward(signum, frame):
+    def forward(signum, frame):  # each process checkpoints and stops; then as stop() does
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signum)
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
         stop(processes)
         sys.exit(128 + signum)
 

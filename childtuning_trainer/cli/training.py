@@ -7,8 +7,10 @@ ChildTuning-F or -D.
 file whose ``get_config()`` returns one; every setting can be overridden as ``--config.KEY=VALUE``
 (``--help`` lists them). The data come from ``--config.data_dir``, else ``$CHILDTUNING_DATA_DIR``,
 else the hub. The run writes checkpoints, ``metrics.jsonl`` and ``results.json`` to
-``output_dir``; ``--config.resume=true`` continues from its newest checkpoint. Bad input prints
-one ``error: ...`` line (``--traceback`` shows the traceback).
+``output_dir``; ``--config.resume=true`` continues from its newest checkpoint. SIGINT (Ctrl-C) or
+SIGTERM finishes the current step, writes a checkpoint, prints the command that resumes the run
+and exits with 130 or 143. Bad input prints one ``error: ...`` line (``--traceback`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -95,10 +97,16 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         fail(f"config.output_dir={config.output_dir!r} is a file; name a folder.", status=1)
-    from childtuning_trainer import loop  # after the command line is checked: JAX starts here
+    from childtuning_trainer import (
+        interruption,
+        loop,
+    )  # after the command line is checked: JAX starts here
 
     try:
         outcome = loop.train_and_evaluate(config)
+    except interruption.Interrupted as e:  # SIGINT / SIGTERM: checkpointed, or a second signal
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_status)
     except (ValueError, OSError) as e:  # bad configuration or data: one line, no traceback
         if FLAGS.traceback:
             raise

@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick
+    # GLUE: cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; NLI: snli | mnli_m | sick;
+    # your own files: csv | jsonl (train_file, validation_file, ... below)
     config.task = "rte"
     # GLUE: a folder in the original GLUE layout; NLI tasks: a folder holding snli/, mnli/, sick/.
     # Empty: found under $CHILDTUNING_DATA_DIR, else the task's hub dataset (nyu-mll/glue).
@@ -39,6 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.bucket_min_share = 0.05  # each bucket serves at least this share of the batches
     config.max_train_samples = 0  # > 0: a seeded random subset of the training set
     config.max_eval_samples = 0  # > 0: the first N examples of every dev set (quick checks)
+    # Your own data, task "csv" (a header line; .tsv: tab-separated) or "jsonl" (JSON objects):
+    config.train_file = ""  # the training file; its labels, sorted, are the label set
+    config.validation_file = ""  # scored after every epoch (its first metric picks the best)
+    config.test_file = ""  # optional: scored too if it has label_column, else examples to predict
+    config.text_columns = "sentence"  # one column, or two comma-separated: "premise,hypothesis"
+    config.label_column = "label"
+    config.label_type = "classification"  # or "regression": float targets (Pearson, Spearman)
 
     # Extra evaluation sets for an NLI task (snli, mnli_m, sick, mnli, rte, qnli), scored in
     # full after training:
@@ -120,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Output, logging, checkpoints.
     config.output_dir = ""  # where the run writes its checkpoints, logs and results (required)
     config.resume = False  # continue from the newest checkpoint in output_dir
+    config.overwrite = False  # True: delete the run files already in output_dir (else refused)
     config.eval_every_epoch = True  # False: evaluate after the last epoch only (saves CPU time)
     config.log_every_steps = 10  # steps between the training lines of metrics.jsonl
     config.tensorboard = True  # scalars in output_dir/tensorboard (tensorboardX), process 0 only

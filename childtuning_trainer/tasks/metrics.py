@@ -1,7 +1,8 @@
 """Metrics under GLUE's names, computed with scikit-learn and SciPy; any task may list them.
 
 CoLA: ``matthews_correlation``; MRPC and QQP: ``accuracy`` and ``f1`` (of the positive class);
-STS-B: ``pearson`` and ``spearmanr``; every other task: ``accuracy``.
+STS-B: ``pearson`` and ``spearmanr``; every other task: ``accuracy``. Your own data
+(``tasks.own_data``) adds ``macro_f1``: the unweighted mean of every class's F1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[s
             value = skm.accuracy_score(labels, preds)
         elif name == "f1":
             value = skm.f1_score(labels, preds)
+        elif name == "macro_f1":
+            value = skm.f1_score(labels, preds, average="macro", labels=range(task.num_labels))
         elif name == "pearson":
             value = stats.pearsonr(preds, labels)[0]
         elif name == "spearmanr":

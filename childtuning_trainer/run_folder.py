@@ -1,0 +1,104 @@
+"""The run's ``output_dir``: a run never writes over another run's files unless told to.
+
+- A folder that holds anything is refused unless ``config.resume`` (continue the run there) or
+  ``config.overwrite`` (replace it) is set; ``output_dir`` naming a file is refused too.
+- ``overwrite`` deletes the files a run writes (:data:`RUN_FILES`) and leaves any other file.
+- ``resume`` on a finished run (a ``results.json`` and no checkpoint left, e.g. after the sweep
+  deleted them) does nothing: :func:`finished_results` returns its results.
+
+In a multi-process run every process checks; process 0 deletes, between two barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+import jax
+from jax.experimental import multihost_utils
+
+from childtuning_trainer import checkpoints
+from childtuning_trainer.distributed import is_writer
+
+if TYPE_CHECKING:
+    from childtuning_trainer.settings import OutputSettings, Settings
+
+# What a run writes into output_dir (``overwrite`` deletes these and nothing else).
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "results.json",
+    "params.msgpack",
+    "mask_summary.json",
+    "tensorboard",
+    "model",
+    "predictions",
+)
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    """Whether ``output_dir/checkpoints`` holds a committed checkpoint (a ``<step>`` folder)."""
+    path = os.path.join(output_dir, "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def finished_results(settings: Settings) -> dict | None:
+    """With ``resume``: the ``results.json`` of a finished run with no checkpoint left, else
+    ``None`` (a run with checkpoints resumes from them, as a run that scores new extra sets).
+
+    Raises:
+      ValueError: the finished run differs from this one in a setting a resume must keep.
+    """
+    output_dir = settings.outputs.output_dir
+    path = os.path.join(output_dir, "results.json")
+    if not settings.outputs.resume or not os.path.isfile(path) or has_checkpoint(output_dir):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    saved, config = results.get("config", {}), settings.config
+    for key in checkpoints.RESUME_KEYS:
+        value = saved.get(key, checkpoints.LEGACY_VALUES.get(key))
+        if value != config[key]:
+            raise ValueError(
+                f"config.output_dir={output_dir!r} holds a finished run with {key}={value!r}, "
+                f"this run {key}={config[key]!r}; set --config.overwrite=true to replace it."
+            )
+    return results
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def claim(outputs: OutputSettings) -> None:
+    """Makes ``output_dir`` the run's: refuses another run's folder (see the module docstring),
+    clears it with ``overwrite``, creates it if missing.
+
+    Raises:
+      ValueError: one line naming ``output_dir`` and the settings that allow it.
+    """
+    output_dir = outputs.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"config.output_dir={output_dir!r} is a file; name a folder.")
+    held = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if held and not (outputs.resume or outputs.overwrite):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(
+            f"config.output_dir={output_dir!r} is not empty ({shown}); set "
+            "--config.resume=true to continue the run there, --config.overwrite=true to "
+            "replace it, or choose another output_dir."
+        )
+    if outputs.overwrite and held:
+        _sync("overwrite_checked")
+        if is_writer():
+            for name in RUN_FILES:
+                path = os.path.join(output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        _sync("overwrite_done")
+    os.makedirs(output_dir, exist_ok=True)

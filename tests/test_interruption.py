@@ -1,0 +1,154 @@
+"""Nothing is lost when a run is stopped: SIGINT and SIGTERM finish the step, checkpoint, print
+the command that resumes and exit with 130 / 143; a damaged newest checkpoint is set aside with a
+warning and the run resumes from the one before. Either way the resumed run ends as an
+uninterrupted one, bit for bit (``tools/kill_trials.outcome``)."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from kill_trials import REPO, SETTINGS, flags, outcome, same_outcome
+
+from childtuning_trainer import checkpoints, interruption, loop, settings
+
+pytestmark = pytest.mark.needs_glue
+# The trials' run (6 steps, 3 per epoch) in mode F (no Fisher pass to wait for), checkpointed at
+# the ends of epochs only: a mid-epoch checkpoint is the signal's.
+RUN = dict(mode="F", checkpoint_every_steps=100)
+# train.py, each step slowed down so that a signal lands mid-run.
+SLOW_TRAIN = """
+import runpy, sys, time
+from childtuning_trainer import outputs
+step = outputs.TrainingLog.step
+outputs.TrainingLog.step = lambda self, *a: (time.sleep(0.3), step(self, *a))[1]
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def make_config(base_config):
+    def make(model, out, **overrides):
+        where = dict(model=model, output_dir=str(out))
+        return base_config(**{**SETTINGS, **RUN, **where, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, make_config):
+    """The uninterrupted run's outcome."""
+    out = tmp_path_factory.mktemp("interruption") / "reference"
+    loop.train_and_evaluate(make_config(tiny_model, out))
+    return outcome(str(out))
+
+
+def env() -> dict[str, str]:
+    """This process's XLA flags and compilation cache (conftest's): train.py compiles the same
+    programs as the reference run in this process."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+
+
+def _logged_steps(out) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_and_the_printed_command_resumes(
+    reference, tiny_model, tmp_path, signum, status
+):
+    out = str(tmp_path / "run")
+    args = flags(tiny_model, out, **RUN)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TRAIN, *args],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while _logged_steps(out) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    step = int(re.fullmatch(r"interrupted at step (\d+); resume with: .*", last).group(1))
+    assert 1 <= step < 6 and str(step) in os.listdir(os.path.join(out, "checkpoints"))
+    command = last.split("resume with: ", 1)[1]
+    assert command == shlex.join([sys.executable, "train.py", *args, "--config.resume=True"])
+
+    resumed = subprocess.run(
+        shlex.split(command), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from step {step}" in resumed.stdout
+    assert same_outcome(outcome(out), reference)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
+    reference, tiny_model, tmp_path, make_config, capsys
+):
+    out = tmp_path / "run"
+    every_step = dict(checkpoint_every_steps=1, keep_checkpoints=2)
+    assert (
+        loop.train_and_evaluate(make_config(tiny_model, out, stop_after_steps=5, **every_step))
+        is None
+    )
+    newest = out / "checkpoints" / "4"  # 3 and 4 kept; step 5 is lost (as if killed)
+    data = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:10])  # truncated, as by a full disk
+    capsys.readouterr()
+
+    loop.train_and_evaluate(make_config(tiny_model, out, resume=True, **every_step))
+    printed = capsys.readouterr()
+    assert f"warning: checkpoint {newest} cannot be read (" in printed.err
+    assert "Resuming from step 3" in printed.out
+    assert (out / "checkpoints" / "4.corrupt").is_dir()
+    assert same_outcome(outcome(str(out)), reference)
+
+
+def test_no_readable_checkpoint_is_one_error_line(tmp_path, base_config, capsys):
+    config = base_config(output_dir=str(tmp_path), keep_checkpoints=2)
+    manager = checkpoints.checkpoint_manager(settings.output_settings(config))
+    state = {"w": np.arange(4.0, dtype=np.float32)[None]}  # one device's copy
+    checkpoints.save_checkpoint(manager, state, {"step": 1})
+    manager.wait_until_finished()
+    (tmp_path / "checkpoints" / "1" / "meta" / "metadata").write_text("{")
+    template = lambda meta: jax.tree.map(lambda x: x[0], state)  # noqa: E731
+    with pytest.raises(ValueError, match="No checkpoint in .* can be read"):
+        checkpoints.restore_newest_readable(manager, template)
+    assert "warning: checkpoint" in capsys.readouterr().err
+    assert checkpoints.restore_newest_readable(manager, template) is None  # set aside
+    manager.close()
+
+
+def test_the_resume_command_replaces_resume_and_overwrite(monkeypatch):
+    monkeypatch.delenv(interruption.COMMAND_ENV, raising=False)
+    argv = ["train.py", "--config=configs/rte.py", "--config.overwrite=true", "--config.seed=3"]
+    assert interruption.resume_command(argv) == (
+        "train.py --config=configs/rte.py --config.seed=3 --config.resume=True"
+    )
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config.resume=True", "--config.x=a b"])
+    assert interruption.resume_command() == shlex.join(
+        [sys.executable, "train.py", "--config.x=a b", "--config.resume=True"]
+    )
+    monkeypatch.setenv(interruption.COMMAND_ENV, "python launch.py -- --config.mode=D")
+    assert interruption.resume_command() == (
+        "python launch.py -- --config.mode=D --config.resume=True"
+    )
