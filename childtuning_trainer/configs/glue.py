@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.validation_file = ""  # scored after every epoch (its first metric picks the best)
     config.test_file = ""  # optional: scored too if it has label_column, else examples to predict
     config.text_columns = "sentence"  # one column, or two comma-separated: "premise,hypothesis"
-    config.label_column = "label"
+    config.label_column = "label"  # the column of the label (a name, or a float for regression)
     config.label_type = "classification"  # or "regression": float targets (Pearson, Spearman)
 
     # Extra evaluation sets for an NLI task (snli, mnli_m, sick, mnli, rte, qnli), scored in
