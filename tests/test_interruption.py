@@ -152,3 +152,46 @@ def test_the_resume_command_replaces_resume_and_overwrite(monkeypatch):
     assert interruption.resume_command() == (
         "python launch.py -- --config.mode=D --config.resume=True"
     )
+
+
+@pytest.mark.slow  # four two-process runs: several minutes on 2 cores
+def test_a_signal_stops_every_process_of_a_launched_run_at_the_same_step(tiny_model, tmp_path):
+    """launch.py 2 x 2: SIGTERM to the launcher reaches both processes, which agree on the step,
+    checkpoint it together and exit 143; the printed launch command resumes the run to the end
+    of an uninterrupted 2 x 2 run, bit for bit."""
+    script = tmp_path / "slow_train.py"
+    script.write_text(SLOW_TRAIN)
+
+    def launch(out: str, *extra: str) -> list[str]:
+        logs = f"--logs={tmp_path / 'logs'}"
+        return [sys.executable, "launch.py", logs, f"--script={script}", "--", *extra]
+
+    reference = str(tmp_path / "reference")
+    done = subprocess.run(
+        launch(reference, *flags(tiny_model, reference, **RUN)),
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = str(tmp_path / "run")
+    launcher = subprocess.Popen(
+        launch(out, *flags(tiny_model, out, **RUN)),
+        cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while _logged_steps(out) < 1 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 143, stderr[-3000:]
+    line = next(line for line in stderr.splitlines() if line.startswith("interrupted at step"))
+    step = int(line.split()[3].rstrip(";"))
+    assert str(step) in os.listdir(os.path.join(out, "checkpoints"))
+    log_1 = (tmp_path / "logs" / "process_1.log").read_text()
+    assert f"interrupted at step {step};" in log_1  # the same step in the other process
+    command = line.split("resume with: ", 1)[1]
+    resumed = subprocess.run(
+        shlex.split(command), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_outcome(outcome(out), outcome(reference))

@@ -2,7 +2,8 @@
 
 A family of tasks registers each of its tasks with :func:`register`; the trainer only ever calls
 :func:`get_task`. GLUE's nine tasks and the NLI tasks (``snli``, ``mnli_m``, ``sick``) are
-registered here.
+registered here. ``csv`` and ``jsonl`` (your own files, :mod:`.own_data`) are built from the
+settings instead (``settings.task_of``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def get_task(name: str) -> Task:
     """The task called ``name`` (case-insensitive; ``sst-2`` and ``sts-b`` are accepted too)."""
     key = _key(name)
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown task {name!r}; expected one of {', '.join(_REGISTRY)}.")
+        raise ValueError(
+            f"Unknown task {name!r}; expected one of {', '.join(_REGISTRY)}, "
+            "or csv / jsonl for your own files."
+        )
     return _REGISTRY[key]
 
 
