@@ -12,12 +12,19 @@ are committed once the sweep has gone through its runs (a block, not each run).
 """
 
 import os
+import runpy
 import sys
 
 from absl import app, flags
 
 from childtuning_trainer import optimizer_chain, regularization, tasks
-from childtuning_trainer.experiments import protocol_reports, protocols, runner, store
+from childtuning_trainer.experiments import (
+    group_runner,
+    protocol_reports,
+    protocols,
+    runner,
+    store,
+)
 from childtuning_trainer.tasks import nli
 
 PROTOCOLS = ("seeds", "fewshot", "pruning", "domain", "taskgen")
@@ -76,6 +83,14 @@ _FISHER_CACHE = flags.DEFINE_string(
     "fisher_cache_dir",
     runner.FISHER_CACHE_DIR,
     "Where ChildTuning-D runs store and share their Fisher passes (empty: off).",
+)
+_GROUP_SIZE = flags.DEFINE_integer(
+    "group_size",
+    None,
+    "Runs per process: up to N runs that can share a program (seeds, learning rates, "
+    "reserve_p, vanilla with D) train as one group (childtuning_trainer.run_groups); 1: one "
+    f"run a process. Default: 1 on a CPU, {group_runner.ACCELERATOR_GROUP_SIZE} on an "
+    "accelerator, fewer when the device's memory holds fewer.",
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
 _COMMIT = flags.DEFINE_bool(
@@ -207,6 +222,29 @@ def hub_for_missing_tasks(protocol: protocols.Protocol, local: str) -> dict[str,
     return missing
 
 
+def fitted_group_size(protocol: protocols.Protocol) -> int:
+    """``--group_size`` (default by the device), shrunk to what the device's memory holds for
+    the protocol's largest model (one line when it shrinks; an error when no run fits)."""
+    requested = _GROUP_SIZE.value
+    if requested is not None and requested < 1:
+        raise ValueError(f"--group_size={requested}: expected 1 or more.")
+    if requested == 1:
+        return 1
+    platform, memory = group_runner.device_memory()
+    size = requested or group_runner.default_group_size(platform)
+    if size == 1:
+        return 1
+    default_model = runpy.run_path(_CONFIG.value)["get_config"]().model
+    per_run = max(
+        (
+            group_runner.run_bytes(s.get("model", default_model), s.get("regularizer", "none")) or 0
+            for s in protocol.specs
+        ),
+        default=0,
+    )
+    return group_runner.fit_size(size, per_run or None, memory)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -238,7 +276,17 @@ def main(argv: list[str]) -> None:
     # scores further evaluation sets without training again.
     if protocol.kind == "domain":
         kwargs.update(keep_checkpoints=True, settings={**settings, "keep_checkpoints": 1})
-    _, failures = runner.run_all(protocol.specs, on_result=refresh, **kwargs)
+    try:
+        group_size = fitted_group_size(protocol)
+    except ValueError as e:  # no group fits the device: one line, before any run
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if group_size > 1:
+        _, failures = group_runner.run_all_grouped(
+            protocol.specs, group_size, on_result=refresh, **kwargs
+        )
+    else:
+        _, failures = runner.run_all(protocol.specs, on_result=refresh, **kwargs)
     if protocol.probes:
         from childtuning_trainer.experiments import probe
 

@@ -6,8 +6,9 @@
 Every key of the configuration (see configs/glue.py) can be overridden as ``--config.KEY=VALUE``.
 The run writes checkpoints, ``metrics.jsonl``, ``results.json`` (and for ChildTuning-D
 ``mask_summary.json``) to ``output_dir``; ``--config.resume=true`` continues from its newest
-checkpoint. Bad configuration or data prints one ``error: ...`` line and exits with status 1
-(``--traceback`` shows the traceback).
+checkpoint; ``--config.group_seeds=42,52,57`` trains a run per seed as one program (each in
+``output_dir/seed_<seed>``). Bad configuration or data prints one ``error: ...`` line and exits
+with status 1 (``--traceback`` shows the traceback).
 """
 
 import json
@@ -45,7 +46,12 @@ def main(argv: list[str]) -> None:
     if outcome is None:
         print(f"Stopped after step {_CONFIG.value.stop_after_steps}; resume to continue.")
         return
-    results, _ = outcome
+    for results, _ in outcome if isinstance(outcome, list) else [outcome]:  # group_seeds: each
+        report(results)
+
+
+def report(results: dict) -> None:
+    """The run's summary and its dev metric against the trivial baseline."""
     summary = {k: results[k] for k in ("task", "mode", "reserve_p", "steps", "eval", "best")}
     summary.update({k: round(results[k], 1) for k in ("train_time_s", "eval_time_s")})
     if results["fisher_time_s"] is not None:

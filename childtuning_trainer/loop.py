@@ -22,6 +22,7 @@ import optax
 from childtuning_jax import template_child_mask, uniform_leaf_names
 from childtuning_trainer import (
     checkpoints,
+    compilation,
     distributed,
     extra_eval,
     mask_rules,
@@ -214,7 +215,7 @@ def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | None:
+def train_and_evaluate(config: ml_collections.ConfigDict) -> Any:
     """Fine-tunes ``config.model`` on ``config.task``.
 
     Bad input is reported before any model weight is loaded. Writes checkpoints, ``metrics.jsonl``,
@@ -223,7 +224,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     Returns:
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
       parameters on the host. ``None`` when ``config.stop_after_steps`` ended the run early.
+      With ``config.group_seeds`` or ``group_runs``: a list of those pairs, one per run
+      (:func:`childtuning_trainer.group_loop.train_group`).
     """
+    compilation.use_cache(config.get("compilation_cache_dir", ""))
+    compiled_before = compilation.programs()
+    if config.get("group_seeds") or config.get("group_runs"):  # several runs as one program
+        from childtuning_trainer import group_loop, run_groups  # (group_loop imports this module)
+
+        return group_loop.train_group(run_groups.group_configs(config), config.output_dir)
     run = prepare(Settings.from_config(config))
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
@@ -248,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
         run.data.padding,
     )
     results = results_of(run, progress, extra)
+    results.update(compilation.run_report(run.devices, compiled_before))
     host_params = parallel.to_host(state.params)
     output_dir = run.settings.outputs.output_dir
     if run.settings.outputs.save_model and distributed.is_writer():

@@ -127,6 +127,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.save_model = True  # the final parameters as output_dir/params.msgpack
     config.stop_after_steps = 0  # > 0: stop after this step as if killed (tests of `resume`)
+
+    # Run groups (childtuning_trainer.run_groups): several runs trained as one vmapped program.
+    config.group_seeds = ""  # "42,52,57": a run per seed in output_dir/seed_<seed>, one group
+    config.group_runs = ""  # a JSON file: a list of each run's overrides (with its output_dir)
+    # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/childtuning_jax/xla; "none": off (childtuning_trainer.compilation).
+    config.compilation_cache_dir = ""
     return config
 
 
