@@ -3,10 +3,10 @@
 :func:`train_group` is the group's ``train_and_evaluate``: the runs' states are stacked
 (:mod:`childtuning_trainer.group_setup`), each step trains every run on its own batch (the same
 batch, key and learning rate it has alone), evaluation scores every run in one program, and each
-run writes its own ``metrics.jsonl``, ``results.json`` (``loop.results_of``: the fields and
-``config`` of the run alone) and ``params.msgpack``. The group's checkpoints (in the group folder)
-hold the stacked state and every run's :class:`~childtuning_trainer.progress.Progress`, so a
-killed group resumes every run where it stood.
+run writes its own ``metrics.jsonl``, ``results.json`` (the loop's ``results_of``: the fields and
+``config`` of the run alone) and ``params.msgpack``. The group's checkpoints (in the group
+folder) hold the stacked state and every run's :class:`~childtuning_trainer.progress.Progress`,
+so a killed group resumes every run where it stood.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from childtuning_trainer import (
     distributed,
     extra_eval,
     input_pipeline,
-    loop,
     outputs,
     parallel,
     regularization,
@@ -192,10 +191,15 @@ def train(group: Group, state: TrainState, progresses: list[Progress]) -> TrainS
 
 
 def finish(
-    group: Group, state: TrainState, progresses: Sequence[Progress], report: dict[str, Any]
+    group: Group,
+    state: TrainState,
+    progresses: Sequence[Progress],
+    results_of: Callable,
+    report: dict[str, Any],
 ) -> list[tuple]:
-    """Each run's extra evaluation, ``results.json`` and parameters, as a run alone writes them;
-    ``report``: the group's compiled programs and peak memory, with its size, in every run's."""
+    """Each run's extra evaluation, ``results.json`` (``results_of``) and parameters, as a run
+    alone writes them; ``report``: the group's compiled programs and peak memory, with its size,
+    in every run's."""
     host = parallel.to_host(state.params)
     finished = []
     for r, (run, progress) in enumerate(zip(group.runs, progresses, strict=True)):
@@ -212,7 +216,7 @@ def finish(
                 run.global_batch,
                 run.data.padding,
             )
-        results = loop.results_of(run, progress, extra)
+        results = results_of(run, progress, extra)
         results.update(report, group_size=len(group.runs))
         output_dir = run.settings.outputs.output_dir
         if run.settings.outputs.save_model and distributed.is_writer():
@@ -222,10 +226,13 @@ def finish(
     return finished
 
 
-def train_group(configs: Sequence[Any], group_dir: str) -> list[tuple[dict, Any]] | None:
+def train_group(
+    configs: Sequence[Any], group_dir: str, results_of: Callable
+) -> list[tuple[dict, Any]] | None:
     """Trains the runs of ``configs`` as one group (checkpoints in ``group_dir``); returns each
-    run's ``(results, params)`` as ``train_and_evaluate`` does alone, or ``None`` when
-    ``stop_after_steps`` stopped the group."""
+    run's ``(results, params)`` as ``train_and_evaluate`` does alone (``results_of``:
+    ``loop.results_of``, passed in by the entry), or ``None`` when ``stop_after_steps`` stopped
+    the group."""
     compiled_before = compilation.programs()
     group = prepare_group(configs, group_dir)
     restored = restore(group) if group.lead.settings.outputs.resume else None
@@ -244,4 +251,5 @@ def train_group(configs: Sequence[Any], group_dir: str) -> list[tuple[dict, Any]
         run.manager.close()
     if state is None:
         return None
-    return finish(group, state, progresses, compilation.run_report(group.devices, compiled_before))
+    report = compilation.run_report(group.devices, compiled_before)
+    return finish(group, state, progresses, results_of, report)

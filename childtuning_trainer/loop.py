@@ -25,10 +25,12 @@ from childtuning_trainer import (
     compilation,
     distributed,
     extra_eval,
+    group_loop,
     mask_rules,
     optimizer_chain,
     outputs,
     parallel,
+    run_groups,
     saved_model,
     steps,
 )
@@ -230,9 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> Any:
     compilation.use_cache(config.get("compilation_cache_dir", ""))
     compiled_before = compilation.programs()
     if config.get("group_seeds") or config.get("group_runs"):  # several runs as one program
-        from childtuning_trainer import group_loop, run_groups  # (group_loop imports this module)
-
-        return group_loop.train_group(run_groups.group_configs(config), config.output_dir)
+        configs = run_groups.group_configs(config)
+        return group_loop.train_group(configs, config.output_dir, results_of)
     run = prepare(Settings.from_config(config))
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config

@@ -90,7 +90,7 @@ def group(workdir, make_config):
         configs = member_configs(
             make_config, group_dir, num_devices=num_devices, per_device_batch_size=per_device
         )
-        finished = group_loop.train_group(configs, str(group_dir))
+        finished = group_loop.train_group(configs, str(group_dir), loop.results_of)
         return finished, group_dir
 
     return _group
@@ -154,9 +154,9 @@ def test_killed_group_resumes_every_run(group, workdir, make_config):
     finished, _ = group(1)
     group_dir = workdir / "killed"
     configs = member_configs(make_config, group_dir, stop_after_steps=7)
-    assert group_loop.train_group(configs, str(group_dir)) is None
+    assert group_loop.train_group(configs, str(group_dir), loop.results_of) is None
     configs = member_configs(make_config, group_dir, resume=True)
-    resumed = group_loop.train_group(configs, str(group_dir))
+    resumed = group_loop.train_group(configs, str(group_dir), loop.results_of)
     for i, ((results, params), (expected, expected_params)) in enumerate(
         zip(resumed, finished, strict=True)
     ):
