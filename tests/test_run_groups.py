@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from childtuning_trainer import group_loop, group_setup, loop, run_groups
+from childtuning_jax import ChildTuningFState
+from childtuning_trainer import group_loop, group_setup, loop, optimizer_chain, run_groups
 
 pytestmark = pytest.mark.needs_glue
 # CoLA: 40 examples in global batches of 8: 5 steps an epoch, 20 steps in 4 epochs.
@@ -177,3 +178,20 @@ def test_groups_refuse_settings_they_cannot_share(make_config, workdir):
         group_setup.prepare_group(configs, str(workdir / "bad"))
     with pytest.raises(ValueError, match="group_seeds"):
         run_groups.parse_seeds("42,x")
+
+
+def test_an_f_group_keeps_each_runs_key_and_learning_rate(make_config, workdir):
+    base = make_config(workdir / "f_group", mode="F")
+    overrides = [dict(seed=42, learning_rate=1e-3), dict(seed=52, learning_rate=5e-4)]
+    configs = run_groups.member_configs(
+        base, [{**o, "output_dir": str(workdir / f"f{i}")} for i, o in enumerate(overrides)]
+    )
+    group = group_setup.prepare_group(configs, str(workdir / "f_group"))
+    state, _ = group_setup.initial_group_state(group)
+    assert group.uniform is None  # no D mask in an F group
+    np.testing.assert_array_equal(state.opt_state.learning_rate, np.float32([1e-3, 5e-4]))
+    for r, run in enumerate(group.runs):
+        alone = optimizer_chain.run_optimizer(run.settings, run.params, run.schedule)
+        (key,) = [s.key for s in alone.init(run.params) if isinstance(s, ChildTuningFState)]
+        (stacked,) = [s.key for s in state.opt_state.inner if isinstance(s, ChildTuningFState)]
+        np.testing.assert_array_equal(stacked[r], key)
