@@ -110,3 +110,18 @@ def test_grouped_sweep_records_each_run_under_its_id(tiny_checkpoint, glue_dir, 
         assert os.path.exists(tmp_path / "work" / spec.run_id / "results.json")
     assert store.load_results(specs, kwargs["results_file"]) == records
     assert group_runner.run_all_grouped(specs, 4, **kwargs) == (records, [])  # all finished
+
+
+def test_group_command_lists_each_runs_own_settings(tmp_path):
+    specs = [RunSpec.of(task="rte", seed=42), RunSpec.of(task="rte", seed=52, learning_rate=1e-4)]
+    kwargs = dict(work_dir=str(tmp_path), settings={"data_dir": "/glue"})
+    command, folders = group_runner.group_command(specs, str(tmp_path / "g"), kwargs)
+    with open(tmp_path / "g" / "group_runs.json") as f:
+        runs = json.load(f)
+    assert runs == [
+        {"seed": 42, "output_dir": os.path.abspath(folders[0])},
+        {"seed": 52, "learning_rate": 1e-4, "output_dir": os.path.abspath(folders[1])},
+    ]
+    assert folders == [str(tmp_path / s.run_id) for s in specs]
+    assert "--config.task=rte" in command and "--config.data_dir=/glue" in command
+    assert not [c for c in command if c.startswith(("--config.seed", "--config.learning_rate"))]

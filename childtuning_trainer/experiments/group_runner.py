@@ -138,7 +138,8 @@ def group_command(
     listing = os.path.join(group_dir, "group_runs.json")
     with open(listing, "w") as f:
         json.dump(runs, f, indent=1)
-    lead = RunSpec(tuple((k, v) for k, v in specs[0].overrides))
+    # The shared overrides only: a run that leaves a varying key unset keeps the config's value.
+    lead = RunSpec(tuple((k, v) for k, v in specs[0].overrides if k not in VARYING))
     command = runner.train_command(
         lead,
         kwargs.get("config_file", "configs/glue.py"),
