@@ -170,8 +170,9 @@ def _run_parallel(r: dict[str, Any]) -> str:
     target = r.get("cpu_target")
     if target:
         sizes.append(
-            f"group of 3 / 3 alone (training): {target['ratio']:.2f} (target <= "
-            f"{target['target']}: {'met' if target['met'] else 'not met'})"
+            f"group of 3 / 3 alone: training {target['ratio']:.2f}, last epoch "
+            f"{target['last_epoch_ratio']:.2f} (target <= {target['target']}: "
+            f"{'met' if target['met'] else 'not met'})"
         )
     return f"{what}: " + "; ".join(sizes)
 
