@@ -155,6 +155,28 @@ def _compile_cache(r: dict[str, Any]) -> str:
     )
 
 
+def _run_parallel(r: dict[str, Any]) -> str:
+    sizes = []
+    for n, size in r["sizes"].items():
+        if "skipped" in size:
+            sizes.append(f"{n} runs: skipped ({size['skipped']})")
+        else:
+            sizes.append(
+                f"{n} run(s) {size['wall_time_s']:.1f} s wall, {size['wall_per_run_s']:.1f} s a "
+                f"run (training {size['train_time_s']:.1f} s, {size['compiled_programs']} programs)"
+            )
+    run = r["run"]
+    what = f"{run.get('model')}, {run.get('max_train_samples') or 'all'} examples"
+    target = r.get("cpu_target")
+    if target:
+        sizes.append(
+            f"group of 3 / 3 alone: training {target['ratio']:.2f}, last epoch "
+            f"{target['last_epoch_ratio']:.2f} (target <= {target['target']}: "
+            f"{'met' if target['met'] else 'not met'})"
+        )
+    return f"{what}: " + "; ".join(sizes)
+
+
 # name -> (what it measures and how to run it, one row's measurement)
 BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "train_step": (
@@ -200,5 +222,12 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
         "One short `train.py` run without, with an empty and with a warm persistent compilation "
         "cache, each a fresh process. `--only compile_cache`.",
         _compile_cache,
+    ),
+    "run_parallel": (
+        "N seeds of a ChildTuning-D run trained as one run group (`train.py "
+        "--config.group_seeds`), each size a fresh process without the compilation cache: wall "
+        "time per run; on the CPU, a group of 3 against 3 runs alone. `--only run_parallel`; on "
+        "a GPU, `python -m benchmarks.run_parallel --sizes=1,10,30`.",
+        _run_parallel,
     ),
 }

@@ -15,7 +15,9 @@ Benchmarks (see each module's docstring):
 * ``optimizer_update`` -- ``chain(child_tuning_{f,d}, adamw)`` vs ``adamw``;
 * ``memory`` -- peak host memory of D and F runs vs vanilla (subprocesses);
 * ``pmap_scaling`` -- the trainer's pmapped step over 1, 2, 4 host devices (subprocess);
-* ``padding`` -- trainer epochs with length-bucketed padding vs padding to ``max_seq_length``.
+* ``padding`` -- trainer epochs with length-bucketed padding vs padding to ``max_seq_length``;
+* ``compile_cache`` -- one short run without, with a cold and with a warm compilation cache;
+* ``run_parallel`` -- seeds trained as one run group against runs alone (wall time per run).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ BENCHMARKS = (
     "pmap_scaling",
     "padding",
     "compile_cache",
+    "run_parallel",
 )
 CPU_THREADS = 2
 
@@ -65,6 +68,7 @@ def cpu_suite(
         optimizer_update,
         padding,
         pmap_scaling,
+        run_parallel,
         train_step,
     )
 
@@ -84,6 +88,7 @@ def cpu_suite(
         "pmap_scaling": lambda: pmap_scaling.run(smoke=smoke),
         "padding": lambda: padding.run(smoke=smoke, tasks=padding_tasks or padding.TASKS),
         "compile_cache": lambda: compile_cache.run(smoke=smoke),
+        "run_parallel": lambda: run_parallel.run(smoke=smoke),
     }
 
 
@@ -200,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     record = records.new_record("smoke" if args.smoke else "cpu", argv)
     start = time.perf_counter()
     with shared_compilation_cache():
-        background = ("memory", "pmap_scaling", "compile_cache") if args.smoke else ()
+        background = (
+            ("memory", "pmap_scaling", "compile_cache", "run_parallel") if args.smoke else ()
+        )
         results, errors = run_suite(
             cpu_suite(args.smoke, args.train_rounds, padding_tasks),
             only,

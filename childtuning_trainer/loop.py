@@ -22,14 +22,17 @@ import optax
 from childtuning_jax import template_child_mask, uniform_leaf_names
 from childtuning_trainer import (
     checkpoints,
+    compilation,
     evaluation,
     extra_eval,
     final_outputs,
+    group_loop,
     mask_rules,
     optimizer_chain,
     outputs,
     parallel,
     run_folder,
+    run_groups,
     steps,
 )
 from childtuning_trainer.interruption import StopRequest
@@ -233,7 +236,7 @@ def results_of(run: Run, progress: Progress, extra: dict[str, Any]) -> dict:
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | None:
+def train_and_evaluate(config: ml_collections.ConfigDict) -> Any:
     """Fine-tunes ``config.model`` on ``config.task``.
 
     Bad input is reported before any model weight is loaded. Writes checkpoints, ``metrics.jsonl``,
@@ -244,11 +247,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
     Returns:
       ``(results, params)``: the results also written to ``output_dir/results.json``, and the final
       parameters on the host (``None`` if ``resume`` found the run finished: nothing is done).
-      ``None`` when ``config.stop_after_steps`` ended the run early.
+      ``None`` when ``config.stop_after_steps`` ended the run early. With ``config.group_seeds``
+      or ``group_runs``: a list of those pairs, one per run
+      (:func:`childtuning_trainer.group_loop.train_group`).
 
     Raises:
       interruption.Interrupted: SIGINT or SIGTERM stopped the run (after a checkpoint).
     """
+    compilation.use_cache(config.get("compilation_cache_dir", ""))
+    compiled_before = compilation.programs()
+    if config.get("group_seeds") or config.get("group_runs"):  # several runs as one program
+        configs = run_groups.group_configs(config)
+        return group_loop.train_group(configs, config.output_dir, results_of)
     run_settings = Settings.from_config(config)
     if not run_settings.outputs.do_train:
         return evaluation.evaluate_only(run_settings)
@@ -256,10 +266,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
         print(f"{run_settings.outputs.output_dir!r} holds a finished run; nothing to do.")
         return finished, None
     with StopRequest(run_settings.outputs.log_every_steps) as stop:
-        return _train_and_evaluate(run_settings, stop)
+        return _train_and_evaluate(run_settings, stop, compiled_before)
 
 
-def _train_and_evaluate(run_settings: Settings, stop: StopRequest) -> tuple[dict, Any] | None:
+def _train_and_evaluate(
+    run_settings: Settings, stop: StopRequest, compiled_before: dict[str, int]
+) -> tuple[dict, Any] | None:
     run = prepare(run_settings)
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
@@ -286,6 +298,7 @@ def _train_and_evaluate(run_settings: Settings, stop: StopRequest) -> tuple[dict
         run.data.padding,
     )
     results = results_of(run, progress, extra)
+    results.update(compilation.run_report(run.devices, compiled_before))
     host_params = parallel.to_host(state.params)
     results.update(final_outputs.finish(run, state.params, host_params, progress, best))
     outputs.write_json(os.path.join(run.settings.outputs.output_dir, "results.json"), results)

@@ -58,6 +58,12 @@ def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
     cache = results["compile_cache"]
     if "skipped" not in cache:  # needs ../shared/glue
         assert cache["same_metrics"] is True and cache["cache_bytes"] > 0
+    (groups,) = (
+        results["run_parallel"].values() if "skipped" not in results["run_parallel"] else [{}]
+    )
+    if groups:  # needs ../shared/glue
+        assert set(groups["sizes"]) == {"1", "3"} and groups["cpu_target"]["ratio"] > 0
+        assert all(s["compiled_programs"] > 0 for s in groups["sizes"].values())
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert text == results_table.render(results_table.load_records(tmp_path / "results"))

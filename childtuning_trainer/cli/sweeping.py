@@ -21,7 +21,13 @@ from absl import app, flags
 from childtuning_trainer import data_location, optimizer_chain, regularization, tasks
 from childtuning_trainer.cli import config_files
 from childtuning_trainer.cli.usage import fail, help_asked, print_help
-from childtuning_trainer.experiments import protocol_reports, protocols, runner, store
+from childtuning_trainer.experiments import (
+    group_runner,
+    protocol_reports,
+    protocols,
+    runner,
+    store,
+)
 from childtuning_trainer.tasks import nli
 
 FLAGS = flags.FLAGS
@@ -88,6 +94,14 @@ def define_flags() -> None:
         runner.FISHER_CACHE_DIR,
         "Where ChildTuning-D runs store and share their Fisher passes (empty: off).",
     )
+    flags.DEFINE_integer(
+        "group_size",
+        None,
+        "Runs per process: up to N runs that can share a program (seeds, learning rates, "
+        "reserve_p, vanilla with D) train as one group (childtuning_trainer.run_groups); 1: one "
+        f"run a process. Default: 1 on a CPU, {group_runner.ACCELERATOR_GROUP_SIZE} on an "
+        "accelerator, fewer when the device's memory holds fewer.",
+    )
     flags.DEFINE_bool("dry_run", False, "List the runs and exit.")
     flags.DEFINE_bool(
         "commit",
@@ -100,7 +114,7 @@ def define_flags() -> None:
 FLAG_NAMES = (
     "protocol", "name", "tasks", "targets", "modes", "seeds", "learning_rates", "reserve_ps",
     "regularizers", "train_samples", "target_samples", "eval_sets", "set", "config", "data_dir",
-    "nli_dir", "fisher_cache_dir", "dry_run", "commit",
+    "nli_dir", "fisher_cache_dir", "group_size", "dry_run", "commit",
 )  # fmt: skip
 
 
@@ -272,7 +286,17 @@ def main(argv: list[str]) -> None:
     # --config.extra_eval=...` then scores further evaluation sets without training again.
     if protocol.kind == "domain":
         kwargs.update(keep_checkpoints=True, settings={**settings, "keep_checkpoints": 1})
-    _, failures = runner.run_all(protocol.specs, on_result=refresh, **kwargs)
+    try:
+        default_model = config_files.load(config_files.config_path(FLAGS.config)).model
+        group_size = group_runner.fitted_group_size(FLAGS.group_size, protocol.specs, default_model)
+    except ValueError as e:  # no group fits the device: one line, before any run
+        fail(str(e), status=1)
+    if group_size > 1:
+        _, failures = group_runner.run_all_grouped(
+            protocol.specs, group_size, on_result=refresh, **kwargs
+        )
+    else:
+        _, failures = runner.run_all(protocol.specs, on_result=refresh, **kwargs)
     if protocol.probes:
         from childtuning_trainer.experiments import probe
 

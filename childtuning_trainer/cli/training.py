@@ -7,10 +7,11 @@ ChildTuning-F or -D.
 file whose ``get_config()`` returns one; every setting can be overridden as ``--config.KEY=VALUE``
 (``--help`` lists them). The data come from ``--config.data_dir``, else ``$CHILDTUNING_DATA_DIR``,
 else the hub. The run writes checkpoints, ``metrics.jsonl`` and ``results.json`` to
-``output_dir``; ``--config.resume=true`` continues from its newest checkpoint. SIGINT (Ctrl-C) or
-SIGTERM finishes the current step, writes a checkpoint, prints the command that resumes the run
-and exits with 130 or 143. Bad input prints one ``error: ...`` line (``--traceback`` shows the
-traceback).
+``output_dir``; ``--config.resume=true`` continues from its newest checkpoint;
+``--config.group_seeds=42,52,57`` trains a run per seed as one program (each in
+``output_dir/seed_<seed>``). SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a
+checkpoint, prints the command that resumes the run and exits with 130 or 143. Bad input prints
+one ``error: ...`` line (``--traceback`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -114,7 +115,12 @@ def main(argv: list[str]) -> None:
     if outcome is None:
         print(f"Stopped after step {config.stop_after_steps}; resume to continue.")
         return
-    results, _ = outcome
+    for results, _ in outcome if isinstance(outcome, list) else [outcome]:  # group_seeds: each
+        report(results)
+
+
+def report(results: dict) -> None:
+    """The run's summary and its dev metric against the trivial baseline."""
     if results.get("evaluation"):  # config.do_train=False
         print(
             json.dumps({k: results[k] for k in ("task", "model", "eval", "predictions")}, indent=2)

@@ -140,6 +140,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.save_best = False  # True: model/ holds the best epoch's weights (on the dev metric)
     config.do_train = True  # False: only evaluate and predict with config.model (a run's model/)
     config.write_predictions = True  # output_dir/predictions/<split>.tsv (+ GLUE submission files)
+
+    # Run groups (childtuning_trainer.run_groups): several runs trained as one vmapped program.
+    config.group_seeds = ""  # "42,52,57": a run per seed in output_dir/seed_<seed>, one group
+    config.group_runs = ""  # a JSON file: a list of each run's overrides (with its output_dir)
+    # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/childtuning_jax/xla; "none": off (childtuning_trainer.compilation).
+    config.compilation_cache_dir = ""
     return config
 
 

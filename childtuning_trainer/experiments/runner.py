@@ -122,12 +122,27 @@ def run_one(
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        with open(log_path) as f:
-            lines = [line.strip() for line in f if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
-        raise RuntimeError(
-            f"run {spec.run_id} failed ({errors[-1] if errors else '?'}); see {log_path}"
-        )
+        raise RuntimeError(f"run {spec.run_id} failed ({last_error(log_path)}); see {log_path}")
+    return record_finished(spec, output_dir, command, wall, results_file, keep_checkpoints)
+
+
+def last_error(log_path: str) -> str:
+    """A failed run's last ``error:`` line (else its last line) in its log."""
+    with open(log_path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
+    return errors[-1] if errors else "?"
+
+
+def record_finished(
+    spec: RunSpec,
+    output_dir: str,
+    command: list[str],
+    wall: float,
+    results_file: str = store.RESULTS_FILE,
+    keep_checkpoints: bool = False,
+) -> dict:
+    """Records the finished run of ``output_dir`` (see :func:`run_one`); returns the record."""
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
     record = {
