@@ -138,8 +138,8 @@ def fitted_group_size(requested: int | None, specs: Sequence[RunSpec], default_m
 def group_command(
     specs: Sequence[RunSpec], group_dir: str, kwargs: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
-    """The group's ``childtuning-train`` command (its runs listed in ``group_dir/group_runs.json``) and
-    each run's folder."""
+    """The group's ``childtuning-train`` command (its runs listed in
+    ``group_dir/group_runs.json``) and each run's folder."""
     work_dir = kwargs.get("work_dir", store.WORK_DIR)
     settings = dict(kwargs.get("settings") or {})
     data_dirs = kwargs.get("data_dirs") or {}
