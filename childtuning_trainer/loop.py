@@ -258,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> tuple[dict, Any] | 
 
 def _train_and_evaluate(run_settings: Settings, stop: StopRequest) -> tuple[dict, Any] | None:
     run = prepare(run_settings)
+    stop.take_signals()  # back from jax.distributed's SIGTERM handler
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
     progress.global_batch_size = run.global_batch
