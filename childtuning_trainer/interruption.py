@@ -66,9 +66,17 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        self.take_signals()
         return self
+
+    def take_signals(self) -> None:
+        """Installs the handlers (again: ``jax.distributed.initialize`` installs its own SIGTERM
+        handler, so a multi-process run takes the signals back once the processes have joined)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in SIGNALS:
+            previous = signal.signal(s, self._handle)
+            self._previous.setdefault(s, previous)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():

@@ -273,6 +273,7 @@ def _train_and_evaluate(
     run_settings: Settings, stop: StopRequest, compiled_before: dict[str, int]
 ) -> tuple[dict, Any] | None:
     run = prepare(run_settings)
+    stop.take_signals()  # back from jax.distributed's SIGTERM handler
     host_state, tx, progress = initial_state(run)
     progress.config = run.settings.config
     progress.global_batch_size = run.global_batch

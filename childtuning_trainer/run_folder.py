@@ -6,7 +6,8 @@
 - ``resume`` on a finished run (a ``results.json`` and no checkpoint left, e.g. after the sweep
   deleted them) does nothing: :func:`finished_results` returns its results.
 
-In a multi-process run every process checks; process 0 deletes, between two barriers.
+In a multi-process run every process checks before any of them writes there (a barrier), and
+process 0 deletes before the others go on (another).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def claim(outputs: OutputSettings) -> None:
             "--config.resume=true to continue the run there, --config.overwrite=true to "
             "replace it, or choose another output_dir."
         )
+    _sync("output_dir_checked")  # every process has looked before any writes to it
     if outputs.overwrite and held:
-        _sync("overwrite_checked")
         if is_writer():
             for name in RUN_FILES:
                 path = os.path.join(output_dir, name)

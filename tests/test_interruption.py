@@ -24,7 +24,8 @@ pytestmark = pytest.mark.needs_glue
 RUN = dict(mode="F", checkpoint_every_steps=100)
 # train.py, each step slowed down so that a signal lands mid-run.
 SLOW_TRAIN = """
-import runpy, sys, time
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())  # this checkout's packages, also when run as a script file
 from childtuning_trainer import outputs
 step = outputs.TrainingLog.step
 outputs.TrainingLog.step = lambda self, *a: (time.sleep(0.3), step(self, *a))[1]
