@@ -88,8 +88,9 @@ def run(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ctjax-groups-") as work:
         model = tiny_model(os.path.join(work, "tiny")) if smoke else minilm()
+        name = "tiny" if smoke else "all-MiniLM-L6-v2"
         settings = dict(shape, task="rte", mode="D", model=model, data_dir=GLUE_DIR)
-        out: dict[str, Any] = {"run": {**shape, "model": os.path.basename(model)}, "sizes": {}}
+        out: dict[str, Any] = {"run": {**shape, "model": name}, "sizes": {}}
         for n in sizes:
             spent = time.perf_counter() - start
             last = max(out["sizes"].values(), key=lambda r: r["wall_time_s"], default=None)
@@ -116,8 +117,7 @@ def run(
                 "target": CPU_TARGET,
                 "met": group["last_epoch_train_s"] <= CPU_TARGET * steady,
             }
-    label = f"{os.path.basename(model)} rte D"
-    return {label: out}
+    return {f"{name} rte D": out}
 
 
 def main(argv: list[str] | None = None) -> int:
