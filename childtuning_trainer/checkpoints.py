@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import orbax.checkpoint as ocp
 
-from childtuning_trainer import parallel, regularization
+from childtuning_trainer import optimizer_chain, parallel, regularization
 
 if TYPE_CHECKING:
     from childtuning_trainer.settings import OutputSettings, Settings
@@ -114,3 +114,15 @@ def check_resumable(settings: Settings, meta: dict, global_batch: int) -> None:
             f"Cannot resume from {output_dir!r}: global batch {meta['global_batch_size']} "
             f"there, {global_batch} here (per_device_batch_size x devices)."
         )
+
+
+def saved_flat_update(settings: Settings, meta: dict) -> bool:
+    """Whether the checkpoint's optimizer state is flat (``meta['flat_update']``; checkpoints
+    written before the flat chain hold the per-leaf state). A run resumes with the chain its
+    checkpoint was written with (both give the same results); a note says when that differs from
+    this run's own choice."""
+    flat = bool(meta.get("flat_update", False))
+    if flat != optimizer_chain.uses_flat_update(settings.optimizer):
+        kind = "flat" if flat else "per-leaf"
+        print(f"Resuming with the {kind} optimizer chain the checkpoint was written with")
+    return flat

@@ -54,7 +54,10 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, P
         mask = select_child_network(run, progress)
         if run.settings.child_tuning.prune:  # the pruning ablation: the child network alone
             params = mask_rules.prune(params, mask)
-    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=mask)
+    progress.flat_update = optimizer_chain.uses_flat_update(run.settings.optimizer)
+    tx = optimizer_chain.run_optimizer(
+        run.settings, params, run.schedule, mask=mask, flat=progress.flat_update
+    )
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, progress
 
 
@@ -65,7 +68,11 @@ def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progres
         return None
     params = run.params
     template_mask = template_child_mask(params, saved_meta.get("d_mask_uniform_leaves", []))
-    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=template_mask)
+    # The chain (flat or per leaf) the checkpoint's optimizer state was written with.
+    flat = checkpoints.saved_flat_update(run.settings, saved_meta)
+    tx = optimizer_chain.run_optimizer(
+        run.settings, params, run.schedule, mask=template_mask, flat=flat
+    )
     template = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     restored = checkpoints.restore_checkpoint(run.manager, template)
     if restored is None:
