@@ -56,7 +56,14 @@ def plan(smoke: bool) -> list[tuple[str, str, float, Callable[[], Any]]]:
     """
     import jax.numpy as jnp
 
-    from benchmarks import common, fisher_pass, mask_selection, optimizer_update, train_step
+    from benchmarks import (
+        common,
+        fisher_pass,
+        mask_selection,
+        optimizer_update,
+        train_step,
+        update_alone,
+    )
 
     torch_device = None
     try:
@@ -112,6 +119,12 @@ def plan(smoke: bool) -> list[tuple[str, str, float, Callable[[], Any]]]:
         ("train_step", f"{b}/float32", 45, train(base, "float32")),
         ("train_step", f"{b}/bfloat16", 45, train(base, "bfloat16")),
         ("optimizer_update", b, 15, optimizer(base)),
+        (
+            "update_alone",
+            b,
+            20,
+            lambda: update_alone.run(smoke=smoke, rounds=None if smoke else 50),
+        ),
         ("mask_selection", b, 20, mask(base)),
         ("fisher_pass", f"{b}/float32", 40, fisher(base, "float32")),
         ("train_step", f"{lg}/float32", 60, train(large, "float32")),

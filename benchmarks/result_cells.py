@@ -68,6 +68,19 @@ def _optimizer_update(r: dict[str, Any]) -> str:
     return text
 
 
+def _update_alone(r: dict[str, Any]) -> str:
+    by_mode: dict[str, list[str]] = {}
+    for name, t in r["times"].items():
+        mode, form = name.split("/")
+        cell = f"{form} {_s(t['median_s'])} ({r['over_limit'][name]:.3g}x limit)"
+        by_mode.setdefault(mode, []).append(cell)
+    limit = r["bandwidth_bytes_per_s"]
+    text = f"{r['params'] / 1e6:.1f} M params in {r['leaves']} leaves, {r['rounds']} rounds, "
+    text += f"limit at {limit / 1e12:.3g} TB/s; "
+    text += "; ".join(f"{mode}: " + ", ".join(cells) for mode, cells in by_mode.items())
+    return text + "; per-leaf / flat: " + _pairs(r["per_leaf_over_flat"])
+
+
 def _memory(r: dict[str, Any]) -> str:
     first = next(iter(r["runs"].values()))
     parts = [f"{first['shape']}, {first['params'] / 1e6:.1f} M params"]
@@ -201,6 +214,13 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
         "`chain(child_tuning_{f,d}, adamw)` against `adamw` alone, with and without buffer "
         "donation, and on a dispatch-bound tree of tiny leaves. `--only optimizer_update`.",
         _optimizer_update,
+    ),
+    "update_alone": (
+        "The trainer's update alone (`clip -> vanilla | F | D -> adamw`) per leaf, flat "
+        "(`childtuning_jax.flat_update`, params a tree) and held flat, against the bandwidth "
+        "limit (28 bytes per parameter at `--bandwidth`, default an H200's 4.3 TB/s). "
+        "`python -m benchmarks.update_alone` (or `--only update_alone`).",
+        _update_alone,
     ),
     "memory": (
         "Peak host memory of D and F runs against vanilla, each in a fresh process: RSS, and "

@@ -13,6 +13,7 @@ Benchmarks (see each module's docstring):
 * ``fisher_pass`` -- Fisher information pass vs a training epoch's forward + backward;
 * ``mask_selection`` -- ``fisher_mask`` vs the official ``np.append`` + ``np.percentile``;
 * ``optimizer_update`` -- ``chain(child_tuning_{f,d}, adamw)`` vs ``adamw``;
+* ``update_alone`` -- the trainer's update per leaf vs flat, against the bandwidth limit;
 * ``memory`` -- peak host memory of D and F runs vs vanilla (subprocesses);
 * ``pmap_scaling`` -- the trainer's pmapped step over 1, 2, 4 host devices (subprocess);
 * ``padding`` -- trainer epochs with length-bucketed padding vs padding to ``max_seq_length``;
@@ -42,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCHMARKS = (
     "mask_selection",
     "optimizer_update",
+    "update_alone",
     "train_step",
     "fisher_pass",
     "memory",
@@ -70,6 +72,7 @@ def cpu_suite(
         pmap_scaling,
         run_parallel,
         train_step,
+        update_alone,
     )
 
     shape = common.BERT_TINY if smoke else common.BERT_BASE
@@ -78,6 +81,7 @@ def cpu_suite(
     return {
         "mask_selection": lambda: mask_selection.run(smoke=smoke),
         "optimizer_update": lambda: {shape.name: optimizer_update.run(smoke=smoke)},
+        "update_alone": lambda: {shape.name: update_alone.run(smoke=smoke)},
         "train_step": lambda: {
             label: train_step.run(smoke=smoke, threads=threads, rounds=train_rounds)
         },

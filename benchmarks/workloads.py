@@ -112,10 +112,14 @@ SETTINGS = optimizer_chain.OptimizerSettings(
 
 def make_tx(mode: str, params: Any, mask: Any = None) -> optax.GradientTransformation:
     """The trainer's optimizer chain for ``mode`` (``"vanilla"``, ``"F"`` or ``"D"``)."""
-    child = optimizer_chain.child_transform(
-        mode, reserve_p=RESERVE_P, key=jax.random.key(1), mask=mask
-    )
-    return optimizer_chain.make_optimizer(child, params, SETTINGS)
+
+    def child(layout):
+        return optimizer_chain.child_transform(
+            mode, reserve_p=RESERVE_P, key=jax.random.key(1), mask=mask, layout=layout
+        )
+
+    flat = optimizer_chain.uses_flat_update(SETTINGS)  # as the trainer: flat on accelerators
+    return optimizer_chain.make_optimizer(child, params, SETTINGS, flat=flat)
 
 
 def make_train_step(

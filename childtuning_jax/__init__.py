@@ -16,9 +16,22 @@ parameter. The official recipe's order is::
       child_tuning_d(mask),          # or child_tuning_f(reserve_p, key)
       optax.adamw(learning_rate, weight_decay=0.01, mask=decay_mask),
   )
+
+:func:`flat_update` runs such a chain on a few contiguous buffers (one per dtype and group of
+per-leaf flags, built by :func:`flat_layout`) instead of one loop per leaf, with the same results:
+:func:`flat_child_tuning_f` and :func:`flat_child_tuning_d` are F and D in that view, and
+:meth:`FlatLayout.buffer_flags` turns per-leaf masks (weight decay, anchors) into per-buffer ones.
 """
 
 from childtuning_jax.fisher import fisher_information, fisher_mean, fisher_step
+from childtuning_jax.flat_update import (
+    FlatLayout,
+    flat_child_tuning_d,
+    flat_child_tuning_f,
+    flat_layout,
+    flat_update,
+    in_leaf_view,
+)
 from childtuning_jax.optim import HFAdamWState, hf_adamw
 from childtuning_jax.paths import keypath_to_str, leaf_names, map_with_name
 from childtuning_jax.regularizers import (
@@ -45,6 +58,7 @@ __all__ = [
     "ChildTuningDState",
     "ChildTuningFState",
     "DecayToPretrainedState",
+    "FlatLayout",
     "HFAdamWState",
     "RecAdamState",
     "check_reserve_p",
@@ -55,7 +69,12 @@ __all__ = [
     "fisher_mask",
     "fisher_mean",
     "fisher_step",
+    "flat_child_tuning_d",
+    "flat_child_tuning_f",
+    "flat_layout",
+    "flat_update",
     "hf_adamw",
+    "in_leaf_view",
     "keypath_to_str",
     "leaf_names",
     "map_with_name",

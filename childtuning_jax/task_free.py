@@ -75,6 +75,35 @@ def child_tuning_f(
       An ``optax.GradientTransformation``; ``reserve_p == 1`` keeps every gradient unchanged.
     """
     reserve_p = check_reserve_p(reserve_p)
+    impl, key_data = split_key(key, sampler)
+    scale = keep_scale(reserve_p, sampler)  # 1 / p_eff
+
+    def init_fn(params: Any) -> ChildTuningFState:
+        del params
+        # A fresh copy: a train step that donates the state must not delete the closure's key.
+        return ChildTuningFState(key=jnp.array(key_data, copy=True))
+
+    def update_fn(updates, state, params=None):
+        del params
+        if reserve_p == 1.0:
+            return updates, state
+        step_key = jax.random.wrap_key_data(state.key, impl=impl)
+        next_key, mask_key = jax.random.split(step_key)
+        leaves, treedef = jax.tree.flatten(updates)
+        keeps = keep_masks(mask_key, [g.shape for g in leaves], reserve_p, sampler)
+        masked = [
+            jnp.where(keep, grad * jnp.asarray(scale, grad.dtype), 0).astype(grad.dtype)
+            for keep, grad in zip(keeps, leaves, strict=True)
+        ]
+        new_state = ChildTuningFState(key=jax.random.key_data(next_key))
+        return jax.tree.unflatten(treedef, masked), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def split_key(key: jax.Array, sampler: Sampler) -> tuple[Any, jax.Array]:
+    """``(impl, raw uint32 key data)`` of a typed or legacy PRNG key, checked (``impl`` None: the
+    default implementation); also checks ``sampler``."""
     if sampler not in ("hash", "jax"):
         raise ValueError(f"sampler must be 'hash' or 'jax', got {sampler!r}")
     if not isinstance(key, jax.Array):
@@ -89,40 +118,27 @@ def child_tuning_f(
             raise TypeError(f"a legacy PRNG key must be uint32 data, got dtype {key.dtype}")
     if key_data.ndim != 1:
         raise ValueError(f"key must be a single PRNG key, got key data of shape {key_data.shape}")
+    return impl, key_data
 
-    threshold = hash_random.keep_threshold(reserve_p)
-    scale = (
-        hash_random.UINT32_RANGE / threshold if sampler == "hash" else 1.0 / reserve_p
-    )  # 1 / p_eff
 
-    def init_fn(params: Any) -> ChildTuningFState:
-        del params
-        # A fresh copy: a train step that donates the state must not delete the closure's key.
-        return ChildTuningFState(key=jnp.array(key_data, copy=True))
+def keep_scale(reserve_p: float, sampler: Sampler) -> float:
+    """``1 / p_eff``: the factor on kept gradients, so that ``E[update] = grad`` exactly."""
+    if sampler == "hash":
+        return hash_random.UINT32_RANGE / hash_random.keep_threshold(reserve_p)
+    return 1.0 / reserve_p
 
-    def update_fn(updates, state, params=None):
-        del params
-        if reserve_p == 1.0:
-            return updates, state
-        step_key = jax.random.wrap_key_data(state.key, impl=impl)
-        next_key, mask_key = jax.random.split(step_key)
-        leaves, treedef = jax.tree.flatten(updates)
-        if sampler == "hash":
-            # All leaves' seeds from one threefry call: one call per leaf would be hundreds of
-            # small threefry graphs for XLA to compile.
-            seeds = jax.random.bits(mask_key, (max(len(leaves), 1), 2), jnp.uint32)
-        else:
-            leaf_keys = jax.random.split(mask_key, max(len(leaves), 1))
-        masked = []
-        for i, grad in enumerate(leaves):
-            if sampler == "hash":
-                keep = hash_random.uniform_bits(grad.shape, seeds[i]) < jnp.uint32(threshold)
-            else:
-                keep = jax.random.bernoulli(leaf_keys[i], reserve_p, grad.shape)
-            masked.append(
-                jnp.where(keep, grad * jnp.asarray(scale, grad.dtype), 0).astype(grad.dtype)
-            )
-        new_state = ChildTuningFState(key=jax.random.key_data(next_key))
-        return jax.tree.unflatten(treedef, masked), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+def keep_masks(
+    mask_key: jax.Array, shapes: list[tuple[int, ...]], reserve_p: float, sampler: Sampler
+) -> list[jax.Array]:
+    """One step's keep decisions, a boolean array per leaf shape (leaf ``i`` of ``jax.tree.leaves``
+    order gets the ``i``-th), drawn from that step's ``mask_key`` as :func:`child_tuning_f` does."""
+    count = max(len(shapes), 1)
+    if sampler == "jax":
+        leaf_keys = jax.random.split(mask_key, count)
+        return [jax.random.bernoulli(leaf_keys[i], reserve_p, s) for i, s in enumerate(shapes)]
+    # All leaves' seeds from one threefry call: one call per leaf would be hundreds of small
+    # threefry graphs for XLA to compile.
+    seeds = jax.random.bits(mask_key, (count, 2), jnp.uint32)
+    threshold = jnp.uint32(hash_random.keep_threshold(reserve_p))
+    return [hash_random.uniform_bits(s, seeds[i]) < threshold for i, s in enumerate(shapes)]

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from childtuning_trainer import parallel, regularization
+from childtuning_trainer import optimizer_chain, parallel, regularization
 from childtuning_trainer.distributed import is_writer
 
 if TYPE_CHECKING:
@@ -187,3 +187,15 @@ def check_resumable(settings: Settings, meta: dict, global_batch: int) -> None:
             f"Cannot resume from {output_dir!r}: global batch {meta['global_batch_size']} "
             f"there, {global_batch} here (per_device_batch_size x devices)."
         )
+
+
+def saved_flat_update(settings: Settings, meta: dict) -> bool:
+    """Whether the checkpoint's optimizer state is flat (``meta['flat_update']``; checkpoints
+    written before the flat chain hold the per-leaf state). A run resumes with the chain its
+    checkpoint was written with (both give the same results); a note says when that differs from
+    this run's own choice."""
+    flat = bool(meta.get("flat_update", False))
+    if flat != optimizer_chain.uses_flat_update(settings.optimizer):
+        kind = "flat" if flat else "per-leaf"
+        print(f"Resuming with the {kind} optimizer chain the checkpoint was written with")
+    return flat

@@ -58,7 +58,10 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, P
         mask = select_child_network(run, progress)
         if run.settings.child_tuning.prune:  # the pruning ablation: the child network alone
             params = mask_rules.prune(params, mask)
-    tx = optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=mask)
+    progress.flat_update = optimizer_chain.uses_flat_update(run.settings.optimizer)
+    tx = optimizer_chain.run_optimizer(
+        run.settings, params, run.schedule, mask=mask, flat=progress.flat_update
+    )
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, progress
 
 
@@ -67,18 +70,22 @@ def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progres
     one (an unreadable newer one is set aside with a warning)."""
     params = run.params
 
-    def optimizer(meta: dict) -> optax.GradientTransformation:
+    def optimizer(meta: dict, flat: bool) -> optax.GradientTransformation:
         mask = template_child_mask(params, meta.get("d_mask_uniform_leaves", []))
-        return optimizer_chain.run_optimizer(run.settings, params, run.schedule, mask=mask)
+        return optimizer_chain.run_optimizer(
+            run.settings, params, run.schedule, mask=mask, flat=flat
+        )
 
     def template(meta: dict) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer(meta).init(params))
+        # The chain (flat or per leaf) the checkpoint's optimizer state was written with.
+        tx = optimizer(meta, bool(meta.get("flat_update", False)))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     restored = checkpoints.restore_newest_readable(run.manager, template)
     if restored is None:
         return None
     state, meta = restored
-    tx = optimizer(meta)
+    tx = optimizer(meta, checkpoints.saved_flat_update(run.settings, meta))
     checkpoints.check_resumable(run.settings, meta, run.global_batch)
     progress = Progress.from_json(meta)
     print(f"Resuming from step {progress.step} in {run.settings.outputs.output_dir}")

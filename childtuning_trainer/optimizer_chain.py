@@ -34,6 +34,10 @@ A regulariser (:mod:`childtuning_trainer.regularization`) adds its pieces to the
   anchored (the library's default, as the reference).
 * the anchors are the params given to ``tx.init``: the optimizer state holds them (checkpointed
   with it), and the chain keeps no reference of its own (:func:`anchored_at_init`).
+
+With ``flat`` (``config.flat_update``; unset: on accelerators, not on CPU) the chain up to Mixout's
+anchor runs in :func:`childtuning_jax.flat_update`'s view, one buffer per combination of the
+per-leaf flags it reads (decay, top-K, anchor), with the per-leaf results.
 """
 
 from __future__ import annotations
@@ -54,11 +58,17 @@ from childtuning_jax import (
     child_tuning_d,
     child_tuning_f,
     decay_to_pretrained,
+    flat_child_tuning_d,
+    flat_child_tuning_f,
+    flat_layout,
+    flat_update,
     hf_adamw,
+    in_leaf_view,
     map_with_name,
     recadam,
     top_k_layers_mask,
 )
+from childtuning_jax.flat_update import FlatLayout
 from childtuning_jax.regularizers import default_anchor_mask
 from childtuning_trainer.regularization import Regularizer, hold_anchor
 
@@ -121,17 +131,25 @@ def learning_rate_schedule(
 
 
 def child_transform(
-    mode: str, *, reserve_p: float | None = None, key: jax.Array | None = None, mask: Any = None
+    mode: str,
+    *,
+    reserve_p: float | None = None,
+    key: jax.Array | None = None,
+    mask: Any = None,
+    layout: FlatLayout | None = None,
 ) -> optax.GradientTransformation:
-    """The Child-Tuning step of the chain: F (needs ``key``), D (needs ``mask``) or identity."""
+    """The Child-Tuning step of the chain: F (needs ``key``), D (needs ``mask``) or identity;
+    with ``layout``, its flat form (:mod:`childtuning_jax.flat_update`)."""
     if check_mode(mode) == "F":
         if key is None or reserve_p is None:
             raise ValueError("mode 'F' needs reserve_p and a key")
+        if layout is not None:
+            return flat_child_tuning_f(layout, reserve_p, key)
         return child_tuning_f(reserve_p, key)
     if mode == "D":
         if mask is None:
             raise ValueError("mode 'D' needs a mask")
-        return child_tuning_d(mask)
+        return child_tuning_d(mask) if layout is None else flat_child_tuning_d(layout, mask)
     return optax.identity()
 
 
@@ -147,6 +165,17 @@ class OptimizerSettings:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     warmup_ratio: float = 0.1  # the schedule's warm-up share (:func:`learning_rate_schedule`)
+    flat_update: bool | None = (
+        None  # the flat chain; None: on GPU and TPU (:func:`uses_flat_update`)
+    )
+
+
+def uses_flat_update(settings: OptimizerSettings) -> bool:
+    """Whether the run's chain is flat: ``settings.flat_update``, or, unset, whether JAX's default
+    backend is an accelerator (on CPU the per-leaf chain is faster)."""
+    if settings.flat_update is None:
+        return jax.default_backend() != "cpu"
+    return bool(settings.flat_update)
 
 
 def anchored_at_init(
@@ -203,10 +232,11 @@ def _lr_at(learning_rate: float | optax.Schedule) -> optax.Schedule:
 
 
 def adaptive_step(
-    settings: OptimizerSettings, reg: Regularizer, weight_decay_mask: Any
+    settings: OptimizerSettings, reg: Regularizer, weight_decay_mask: Any, anchor_mask: Any = None
 ) -> optax.GradientTransformation:
     """The chain's Adam step: ``settings.optimizer`` (AdamW), or RecAdam for ``recadam`` with the
-    same schedule, betas, eps and weight decay (anchored at the params given to ``init``)."""
+    same schedule, betas, eps and weight decay (anchored at the params given to ``init``, on
+    ``anchor_mask``: default, every leaf but the classifier)."""
     adam = dict(
         b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay
     )
@@ -224,50 +254,70 @@ def adaptive_step(
             anneal_t0=reg.recadam_anneal_t0,
             anneal_w=reg.recadam_anneal_w,
             pretrain_cof=reg.recadam_pretrain_cof,
+            anchor_mask=anchor_mask,
             weight_decay_mask=weight_decay_mask,
         )
     )
 
 
+ChildBuilder = Callable[[FlatLayout | None], optax.GradientTransformation]
+
+
 def make_optimizer(
-    child: optax.GradientTransformation,
+    child: optax.GradientTransformation | ChildBuilder,
     params: Any,
     settings: OptimizerSettings,
     regularizer: Regularizer | None = None,
+    *,
+    flat: bool = False,
 ) -> optax.GradientTransformation:
     """``clip -> child -> AdamW`` with weight decay off biases and LayerNorm, and the pieces of
-    ``regularizer`` (see the module docstring); ``params`` are read for names and shapes only."""
+    ``regularizer`` (see the module docstring); ``params`` are read for names and shapes only.
+    ``child``: the Child-Tuning transform, or a function of the flat layout (``None``: per leaf)
+    returning it; ``flat``: the flat chain (a transform ``child`` runs in ``in_leaf_view``)."""
     if settings.optimizer not in OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {settings.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}."
         )
     reg = regularizer or Regularizer()
     lr = settings.learning_rate
-    chain = [optax.clip_by_global_norm(settings.max_grad_norm), child]
-    weight_decay_mask = decay_mask(params)
+    weight_decay_mask, flags, trained = decay_mask(params), [], None
     if reg.name == "top_k":
         try:
             trained = whole_leaf_flags(top_k_layers_mask(params, reg.top_k_layers))
         except (TypeError, ValueError) as error:
             raise ValueError(f"config.top_k_layers={reg.top_k_layers!r}: {error}") from None
-        chain.append(keep_whole_leaves(trained))
         # Frozen means unchanged, as with PyTorch's requires_grad=False: no weight decay either.
         weight_decay_mask = jax.tree.map(operator.and_, weight_decay_mask, trained)
+        flags.append(trained)
+    anchor_mask: Any = default_anchor_mask
+    if reg.name in ("decay_to_pretrained", "recadam"):
+        flags.append(anchor_mask(params))
+    layout = flat_layout(params, split_by=[weight_decay_mask, *flags]) if flat else None
+    view = (lambda tree: tree) if layout is None else layout.buffer_flags
+    if isinstance(child, optax.GradientTransformation):
+        child = child if layout is None else in_leaf_view(layout, child)
+    else:
+        child = child(layout)
+    chain = [optax.clip_by_global_norm(settings.max_grad_norm), child]
+    if trained is not None:
+        chain.append(keep_whole_leaves(view(trained)))
+    if layout is not None and reg.name in ("decay_to_pretrained", "recadam"):
+        anchor_mask = view(anchor_mask(params))
     decay_form = reg.decay_form if reg.name == "decay_to_pretrained" else None
     if decay_form == "penalty":
         c = reg.decay_coefficient
-        chain.append(
-            anchored_at_init(lambda pre: decay_to_pretrained(pre, c, mask=default_anchor_mask))
-        )
-    chain.append(adaptive_step(settings, reg, weight_decay_mask))
+        chain.append(anchored_at_init(lambda pre: decay_to_pretrained(pre, c, mask=anchor_mask)))
+    recadam_anchor = anchor_mask if layout is not None else None
+    chain.append(adaptive_step(settings, reg, view(weight_decay_mask), recadam_anchor))
     if decay_form == "decoupled":
         c, lr_at = reg.decay_coefficient, _lr_at(lr)
         coefficient = lambda count: -c * lr_at(count)  # AdamW's update is already scaled by -lr
         chain.append(
-            anchored_at_init(
-                lambda pre: decay_to_pretrained(pre, coefficient, mask=default_anchor_mask)
-            )
+            anchored_at_init(lambda pre: decay_to_pretrained(pre, coefficient, mask=anchor_mask))
         )
+    if layout is not None:  # Mixout's anchor stays a tree: the train step hands it to the model
+        chain = [flat_update(layout, optax.chain(*chain))]
     if reg.name == "mixout":
         chain.append(hold_anchor())
     return optax.chain(*chain)
@@ -279,12 +329,17 @@ def run_optimizer(
     learning_rate: float | optax.Schedule,
     *,
     mask: Any = None,
+    flat: bool | None = None,
 ) -> optax.GradientTransformation:
     """The trainer's chain for the run's mode and regulariser (``learning_rate``: the schedule;
     ``mask``: ChildTuning-D's child network; ``params``: the initial params, the regularisers'
-    anchor)."""
+    anchor; ``flat``: the flat chain, default :func:`uses_flat_update`)."""
     key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-    child_tuning = settings.child_tuning
-    child = child_transform(child_tuning.mode, reserve_p=child_tuning.reserve_p, key=key, mask=mask)
+    ct = settings.child_tuning
+
+    def child(layout: FlatLayout | None) -> optax.GradientTransformation:
+        return child_transform(ct.mode, reserve_p=ct.reserve_p, key=key, mask=mask, layout=layout)
+
     optimizer = dataclasses.replace(settings.optimizer, learning_rate=learning_rate)
-    return make_optimizer(child, params, optimizer, settings.regularizer)
+    flat = uses_flat_update(settings.optimizer) if flat is None else flat
+    return make_optimizer(child, params, optimizer, settings.regularizer, flat=flat)

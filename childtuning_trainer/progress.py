@@ -30,6 +30,8 @@ class Progress:
       epoch_train_time_s: training time of each finished epoch.
       data_order: where the data stream stands, ``{"seed", "epoch", "batch"}``.
       interval_losses: the training losses since the last log line.
+      flat_update: whether the optimizer state is flat (``childtuning_jax.flat_update``); only a
+        flat one is written down, so per-leaf meta reads as checkpoints always had it.
     """
 
     step: int = 0
@@ -47,6 +49,7 @@ class Progress:
     epoch_train_time_s: list[float] = dataclasses.field(default_factory=list)
     data_order: dict[str, int] | None = None
     interval_losses: list[float] = dataclasses.field(default_factory=list)
+    flat_update: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint's JSON: D's mask keys only for a D run, the epoch times once an epoch
@@ -55,7 +58,7 @@ class Progress:
         if self.d_mask_uniform_leaves is None:
             for key in _D_KEYS:
                 del out[key]
-        for key in ("epoch_train_time_s", "data_order"):
+        for key in ("epoch_train_time_s", "data_order", "flat_update"):
             if not out[key]:
                 del out[key]
         return out

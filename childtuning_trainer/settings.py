@@ -233,6 +233,7 @@ def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         warmup_ratio=config.warmup_ratio,
+        flat_update=config.flat_update,
     )
 
 

@@ -252,3 +252,22 @@ def test_results_table_names_a_file_that_is_not_a_record(tmp_path, capsys):
 
 def test_committed_results_table_is_the_rebuild_of_its_records():
     assert results_table.main(["--check"]) == 0
+
+
+def test_update_alone_times_every_form_against_the_bandwidth_limit(tmp_path):
+    from benchmarks import update_alone
+
+    assert update_alone.main(["--smoke", "--bandwidth", "1e11", "--out", str(tmp_path)]) == 0
+    record = _load_record(tmp_path)
+    (result,) = record["results"]["update_alone"].values()
+    forms = {f"{m}/{f}" for m in ("vanilla", "F", "D") for f in update_alone.FORMS}
+    assert set(result["times"]) == set(result["over_limit"]) == forms
+    assert result["bandwidth_bytes_per_s"] == 1e11
+    limit = result["params"] * 28 / 1e11
+    assert result["limit_s"]["vanilla"] == pytest.approx(limit)
+    name = "D/flat"
+    assert result["over_limit"][name] == pytest.approx(
+        result["times"][name]["median_s"] / result["limit_s"]["D"]
+    )
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## update_alone" in text and "per-leaf / flat" in text

@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.adam_b2 = 0.999  # Adam beta2
     config.adam_eps = 1e-8  # Adam epsilon
     config.max_grad_norm = 1.0  # global-norm gradient clipping, before the Child-Tuning mask
+    # The optimizer update on a few flat buffers (childtuning_jax.flat_update), same results:
+    # None: on GPU and TPU, per leaf on CPU (faster there) | True | False.
+    config.flat_update = config_dict.placeholder(bool)
 
     # Parallelism and multi-process runs (childtuning_trainer.parallel, .distributed).
     # "jit" (default): jax.jit over a Mesh, batch sharded over its "data" axis, params and
