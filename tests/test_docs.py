@@ -6,6 +6,7 @@ A block whose first line is the skip marker (a comment naming why: a long run, t
 left out. Relative links point at files that exist, and the README stays a newcomer's page.
 """
 
+import importlib
 import pathlib
 import re
 
@@ -67,6 +68,23 @@ def test_relative_links_exist(page):
             continue
         path = (page.parent / target.split("#")[0]).resolve()
         assert path.exists(), f"{page.name}: link to {target}, which does not exist"
+
+
+def documented_settings() -> set[str]:
+    """The keys named in the first column of docs/trainer.md's settings table."""
+    text = (REPO / "docs" / "trainer.md").read_text()
+    table = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    return {key for cell in rows for key in re.findall(r"`(\w+)`", cell)}
+
+
+def test_every_setting_is_documented():
+    try:  # the packaged configurations, or the checkout's configs/ before they were packaged
+        glue = importlib.import_module("childtuning_trainer.configs.glue")
+    except ModuleNotFoundError:
+        glue = importlib.import_module("configs.glue")
+    missing = sorted(set(glue.get_config().keys()) - documented_settings())
+    assert not missing, f"docs/trainer.md's settings table lacks {missing}"
 
 
 def test_readme_is_a_short_page():
