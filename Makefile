@@ -1,4 +1,4 @@
-# Set-up and entry points. `make test` and `make rte` are the README's two commands.
+# Set-up and entry points. `make quickstart` and `make test` are the README's two commands.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -54,7 +54,7 @@ lint: install
 GLUE_FLAGS = $(if $(wildcard $(GLUE_DIR)),--config.data_dir=$(GLUE_DIR),--config.data_dir=)
 GLUE_NOTE = $(if $(wildcard $(GLUE_DIR)),,@echo "$(GLUE_DIR) not found: loading GLUE from the hub (nyu-mll/glue)")
 
-# The README's main job: ChildTuning-D on STS-B with the packaged MiniLM, about 15 min on 2 cores.
+# The README's main job: ChildTuning-D on STS-B with the packaged MiniLM.
 quickstart: install
 	$(GLUE_NOTE)
 	$(PY) train.py --config=quickstart $(GLUE_FLAGS) --config.output_dir=runs/quickstart
@@ -69,7 +69,7 @@ bench: install
 	$(PY) -m benchmarks.run
 
 # Multi-host on one machine: 2 processes x 2 CPU devices (jax.distributed over gloo), ChildTuning-D
-# on 64 RTE examples; compare with `make rte`-style single-process runs (README, Multi-host).
+# on 64 RTE examples; compare with `make rte`-style single-process runs (docs/multihost.md).
 launch: install
 	$(GLUE_NOTE)
 	$(PY) launch.py --num_processes=2 --devices_per_process=2 -- --config=rte \

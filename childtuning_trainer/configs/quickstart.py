@@ -1,5 +1,5 @@
-"""The quick start: ChildTuning-D on STS-B with the packaged MiniLM, sized for about 15 minutes on
-two CPU cores.
+"""The quick start: ChildTuning-D on STS-B with the packaged MiniLM, sized for a two-core CPU
+(the README quotes its measured time).
 
 ``childtuning-train --config=quickstart --config.output_dir=runs/quickstart``
 (``make quickstart``). A seeded 2,000-example subset of the
