@@ -103,18 +103,22 @@ def group_optimizer(group: Group, params: Any) -> optax.GradientTransformation:
 
 
 def run_state(group: Group, run: Run, params: Any, mask: Any) -> TrainState:
-    """One run's step-0 state for the group chain (its own F key, learning rate and mask)."""
+    """One run's step-0 state for the group chain (its own F key, learning rate and mask).
+
+    The chain's own ``init`` with the run's mask, when its D state has the group layout's
+    shapes (always for a layout fixed by the params, as a flat update's); otherwise the mask
+    packed in the group layout (:func:`~childtuning_trainer.run_groups.group_child_state`).
+    """
     settings = chain_settings(run.settings)
-    template = None
-    if group.uniform is not None:
-        template = run_groups.group_template(params, group.uniform)
-    inner = optimizer_chain.run_optimizer(settings, params, run.schedule, mask=template).init(
+    init = lambda m: optimizer_chain.run_optimizer(settings, params, run.schedule, mask=m).init(
         params
     )
+    inner = init(mask)
     if group.uniform is not None:
-        inner = run_groups.with_child_state(
-            inner, run_groups.group_child_state(mask, group.uniform)
-        )
+        template = init(run_groups.group_template(params, group.uniform))
+        if jax.tree.map(np.shape, inner) != jax.tree.map(np.shape, template):
+            own = run_groups.group_child_state(mask, group.uniform)
+            inner = run_groups.with_child_state(template, own)
     learning_rate = run_groups.init_per_run(run.settings.optimizer.learning_rate, inner)
     return TrainState(jnp.zeros((), jnp.int32), params, learning_rate)
 
