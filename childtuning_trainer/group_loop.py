@@ -4,7 +4,7 @@
 (:mod:`childtuning_trainer.group_setup`), each step trains every run on its own batch (the same
 batch, key and learning rate it has alone), evaluation scores every run in one program, and each
 run writes its own ``metrics.jsonl``, ``results.json`` (the loop's ``results_of``: the fields and
-``config`` of the run alone) and ``params.msgpack``. The group's checkpoints (in the group
+``config`` of the run alone), ``model/`` and the predictions. The group's checkpoints (in the group
 folder) hold the stacked state and every run's :class:`~childtuning_trainer.progress.Progress`,
 so a killed group resumes every run where it stood.
 """
@@ -22,14 +22,13 @@ import numpy as np
 from childtuning_trainer import (
     checkpoints,
     compilation,
-    distributed,
     extra_eval,
+    final_outputs,
     input_pipeline,
     outputs,
     parallel,
     regularization,
     run_groups,
-    saved_model,
 )
 from childtuning_trainer.group_setup import (
     Group,
@@ -204,9 +203,8 @@ def finish(
     finished = []
     for r, (run, progress) in enumerate(zip(group.runs, progresses, strict=True)):
         params = run_groups.unstack(host, r)
-        extra = {}
+        extra, placed = {}, parallel.replicate(params, run.devices)
         if run.extra_sets:
-            placed = parallel.replicate(params, run.devices)
             extra = extra_eval.evaluate(
                 run.extra_sets,
                 run.model,
@@ -219,8 +217,7 @@ def finish(
         results = results_of(run, progress, extra)
         results.update(report, group_size=len(group.runs))
         output_dir = run.settings.outputs.output_dir
-        if run.settings.outputs.save_model and distributed.is_writer():
-            saved_model.save_params(output_dir, params)
+        results.update(final_outputs.finish(run, placed, params, progress, best=None))
         outputs.write_json(os.path.join(output_dir, "results.json"), results)
         finished.append((results, params))
     return finished

@@ -120,6 +120,9 @@ def check_groupable(configs: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"a run group mixes modes {sorted(modes)}: F runs form their own group.")
     if modes == {"F"} and len({c.get("reserve_p") for c in configs}) > 1:
         raise ValueError("a group of F runs shares config.reserve_p (its threshold is compiled).")
+    for key in ("save_best", "overwrite"):  # what a run alone does; not built for groups
+        if first.get(key):
+            raise ValueError(f"config.{key} is not available in a run group; train runs alone.")
     if len({c["output_dir"] for c in configs}) < len(configs):
         raise ValueError("the runs of a group need an output_dir each.")
 

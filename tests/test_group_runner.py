@@ -75,7 +75,7 @@ def test_group_seeds_write_a_folder_per_seed(tiny_checkpoint, run_config, tmp_pa
         assert results["seed"] == seed and results["group_size"] == 2
         assert results["config"]["group_seeds"] == ""  # the config of the run alone
         assert results["compiled_programs"] > 0 and "peak_device_memory_bytes" in results
-        assert (tmp_path / f"seed_{seed}" / "params.msgpack").exists()
+        assert (tmp_path / f"seed_{seed}" / "model" / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_a_finished_run_is_kept_unless_overwritten(tiny_model, tmp_path, run_con
     first, _ = loop.train_and_evaluate(run_config(tiny_model, out, mode="vanilla", **ONE_STEP))
     shutil.rmtree(out / "checkpoints")  # the sweep deletes a finished run's checkpoints
     before = _files(out)
-    assert {"metrics.jsonl", "results.json", "params.msgpack"} <= set(before)
+    assert {"metrics.jsonl", "results.json", "model/config.json"} <= set(before)
 
     # A new run there: one line naming the folder and both ways out; nothing is touched.
     with pytest.raises(ValueError, match=r"config.output_dir='.*run' is not empty \(metrics"):
