@@ -154,7 +154,9 @@ class SelfAttention(nnx.Module):
         if key is None or self.rate == 0.0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            # Scores in the compute dtype, then float32 for the softmax (as autocast does): a
+            # float32 product would make the backward's two score matmuls float32 as well.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
             logits = jnp.where(mask, logits / math.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
             # Softmax in float32, dropout on the probabilities in the compute dtype (half the
             # memory traffic of the largest activation in bfloat16).
