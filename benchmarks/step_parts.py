@@ -10,6 +10,7 @@ back with one wait at the end, the median of ``repeats`` such runs.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,18 @@ def _compile_all(jobs: dict[str, Callable[[], Any]]) -> tuple[dict[str, Any], di
     return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
 
 
+def program_census(text: str) -> dict[str, dict[str, int]]:
+    """Matmuls and scatters of a lowered (StableHLO) step by operand and result dtypes, and casts
+    by dtype pair: a bfloat16 step's float32 matmuls or bfloat16 scatter-adds show here."""
+    pattern = r"stablehlo.(dot_general|scatter|convert)\b.*?: \(([^)]*)\) -> tensor<(?:\d+x)*(\w+)>"
+    out: dict[str, dict[str, int]] = {"dot_general": {}, "scatter": {}, "convert": {}}
+    for op, operands, result in re.findall(pattern, text, re.S):
+        dtypes = re.findall(r"tensor<(?:[0-9]+x)*(\w+)>", operands)
+        key = f"{','.join(dtypes[:2] if op != 'scatter' else dtypes[-1:])}->{result}"
+        out[op][key] = out[op].get(key, 0) + 1
+    return out
+
+
 class OursSteps:
     """Our compiled train steps for some modes of one shape and dtype, one optimizer state each."""
 
@@ -114,6 +127,8 @@ class OursSteps:
             fn = workloads.make_train_step(self.model, tx)
             lowered = fn.lower(self.params, self.states[mode], self.batch, key)
             jobs[mode] = lowered.compile
+            if mode == modes[0]:
+                self.census = program_census(lowered.as_text())
         self.compiled, self.compile_s = _compile_all(jobs)
         self.keys = [jax.random.fold_in(key, i) for i in range(64)]
 
@@ -164,6 +179,7 @@ def step_section(sizes: dict, *, flat: bool | None, torch_device: str | None, sm
         row = {"compile_s": ours.compile_s}
         row["ours_s"] = {m: ours.time(m, sizes["steps"], sizes["repeats"]) for m in workloads.MODES}
         row["flops_vanilla_xla"] = ours.flops("vanilla")
+        row["program_vanilla"] = ours.census
         if torch_device is not None and not (smoke and dtype_name == "bfloat16"):
             row["pytorch_s"] = _torch_times(
                 ours.config, ours.host_batch, dtype_name, torch_device, sizes["steps"],
