@@ -148,25 +148,6 @@ class OursSteps:
         return seconds_per_step(run, jax.block_until_ready, n, repeats)
 
 
-def _torch_times(config, host_batch, dtype_name, device, n, repeats, mask_params) -> dict:
-    import torch
-
-    from benchmarks import torch_baseline, torch_foreach
-
-    torch_foreach.enable_tf32()
-    model = torch_baseline.build_model(config, device=device)
-    mask = torch_baseline.random_child_mask(model, workloads.RESERVE_P) if mask_params else None
-    autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
-    trainer = torch_foreach.ForeachTrainer(model, workloads.MODES, mask, autocast_dtype=autocast)
-    batch = torch_baseline.to_torch(host_batch, device)
-    out = {}
-    for mode in workloads.MODES:
-        trainer.step(mode, batch)  # warm-up
-        wait = lambda _: torch_foreach.synchronize(device)
-        out[mode] = seconds_per_step(lambda i, m=mode: trainer.step(m, batch), wait, n, repeats)
-    return out
-
-
 def step_section(sizes: dict, *, flat: bool | None, torch_device: str | None, smoke: bool):
     """Seconds per step, ours and PyTorch's, per mode and dtype; ratios."""
     use_flat = uses_flat(flat)
@@ -181,7 +162,9 @@ def step_section(sizes: dict, *, flat: bool | None, torch_device: str | None, sm
         row["flops_vanilla_xla"] = ours.flops("vanilla")
         row["program_vanilla"] = ours.census
         if torch_device is not None and not (smoke and dtype_name == "bfloat16"):
-            row["pytorch_s"] = _torch_times(
+            from benchmarks import torch_foreach
+
+            row["pytorch_s"] = torch_foreach.step_times(
                 ours.config, ours.host_batch, dtype_name, torch_device, sizes["steps"],
                 sizes["repeats"], mask_params=True,
             )  # fmt: skip

@@ -86,3 +86,23 @@ class ForeachTrainer:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def step_times(config, host_batch, dtype_name, device, n, repeats, mask_params) -> dict:
+    """Seconds per step of every mode on a fresh ``transformers`` BERT (``config``), timed as
+    :func:`benchmarks.step_parts.seconds_per_step` times ours."""
+    from benchmarks import step_parts, torch_baseline
+
+    enable_tf32()
+    model = torch_baseline.build_model(config, device=device)
+    mask = torch_baseline.random_child_mask(model, workloads.RESERVE_P) if mask_params else None
+    autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
+    trainer = ForeachTrainer(model, workloads.MODES, mask, autocast_dtype=autocast)
+    batch = torch_baseline.to_torch(host_batch, device)
+    out = {}
+    for mode in workloads.MODES:
+        trainer.step(mode, batch)  # warm-up
+        wait = lambda _: synchronize(device)
+        run = lambda i, m=mode: trainer.step(m, batch)
+        out[mode] = step_parts.seconds_per_step(run, wait, n, repeats)
+    return out
