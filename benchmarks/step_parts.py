@@ -164,10 +164,10 @@ def step_section(sizes: dict, *, flat: bool | None, torch_device: str | None, sm
         if torch_device is not None and not (smoke and dtype_name == "bfloat16"):
             from benchmarks import torch_foreach
 
+            timer = lambda run, wait: seconds_per_step(run, wait, sizes["steps"], sizes["repeats"])
             row["pytorch_s"] = torch_foreach.step_times(
-                ours.config, ours.host_batch, dtype_name, torch_device, sizes["steps"],
-                sizes["repeats"], mask_params=True,
-            )  # fmt: skip
+                ours.config, ours.host_batch, dtype_name, torch_device, True, timer
+            )
             row["ours_over_pytorch"] = {
                 m: row["ours_s"][m] / row["pytorch_s"][m] for m in workloads.MODES
             }

@@ -88,10 +88,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(config, host_batch, dtype_name, device, n, repeats, mask_params) -> dict:
-    """Seconds per step of every mode on a fresh ``transformers`` BERT (``config``), timed as
-    :func:`benchmarks.step_parts.seconds_per_step` times ours."""
-    from benchmarks import step_parts, torch_baseline
+def step_times(config, host_batch, dtype_name, device, mask_params, timer) -> dict:
+    """Seconds per step of every mode on a fresh ``transformers`` BERT (``config``);
+    ``timer(run, wait)`` times ``run(i)`` calls (as ours are timed)."""
+    from benchmarks import torch_baseline
 
     enable_tf32()
     model = torch_baseline.build_model(config, device=device)
@@ -104,5 +104,5 @@ def step_times(config, host_batch, dtype_name, device, n, repeats, mask_params) 
         trainer.step(mode, batch)  # warm-up
         wait = lambda _: synchronize(device)
         run = lambda i, m=mode: trainer.step(m, batch)
-        out[mode] = step_parts.seconds_per_step(run, wait, n, repeats)
+        out[mode] = timer(run, wait)
     return out
