@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -23,6 +24,7 @@ from childtuning_jax import template_child_mask, uniform_leaf_names
 from childtuning_trainer import (
     checkpoints,
     compilation,
+    device_feed,
     evaluation,
     extra_eval,
     final_outputs,
@@ -165,22 +167,30 @@ def train_loop(
         interval_losses=progress.interval_losses,
         kept_fraction={"vanilla": 1.0, "F": run.reserve_p}.get(mode, progress.kept_fraction),
     )
+    pending = device_feed.PendingMetrics()
     while progress.step < run.total_steps:
         epoch, start_batch = divmod(progress.step, run.steps_per_epoch)
         clock = EpochClock(progress)
-        for batch in run.epoch_batches(epoch, start_batch):
-            batch = parallel.shard_batch(batch, run.devices)
+        batches = device_feed.prefetch_to_device(run.epoch_batches(epoch, start_batch), run.devices)
+        for batch in batches:
             state, metrics = p_train_step(state, batch, run.step_rng(progress.step))
+            pending.add(metrics)
             progress.step += 1
-            step, learning_rate = progress.step, float(run.schedule(progress.step - 1))
-            log.step(float(metrics["loss"][0]), learning_rate)
-            if step % outs.log_every_steps == 0 or step % run.steps_per_epoch == 0:
-                log.interval(step, epoch + 1, learning_rate, float(metrics["grad_norm"][0]))
+            step = progress.step
+            interval = step % outs.log_every_steps == 0 or step % run.steps_per_epoch == 0
+            checkpoint = step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch
+            stopping = bool(step % run.steps_per_epoch) and stop.requested(step)  # a signal
+            if not (interval or checkpoint or stopping or step == outs.stop_after_steps):
+                continue  # the metrics stay on the devices: the host does not wait
+            fetched = pending.fetch()
+            learning_rate = float(jax.device_get(run.schedule(step - 1)))
+            log.steps([float(m["loss"][0]) for m in fetched], learning_rate)
+            if interval:
+                log.interval(step, epoch + 1, learning_rate, float(fetched[-1]["grad_norm"][0]))
             if step == outs.stop_after_steps:
                 log.close()
                 return None
-            stopping = bool(step % run.steps_per_epoch) and stop.requested(step)
-            if stopping or (step % outs.checkpoint_every_steps == 0 and step % run.steps_per_epoch):
+            if stopping or checkpoint:
                 clock.lap()
                 save_checkpoint(run, state, progress, log.interval_losses)
             if stopping:  # a signal: stop after this step's checkpoint

@@ -129,11 +129,12 @@ class TrainingLog:
         """The next interval's step time is counted from now (e.g. not counting evaluation)."""
         self.last = (step, time.perf_counter())
 
-    def step(self, loss: float, learning_rate: float) -> None:
-        """One training step done."""
-        self.interval_losses.append(loss)
-        self.bar.update()
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+    def steps(self, losses: list[float], learning_rate: float) -> None:
+        """Training steps done (their losses, fetched in one block); ``learning_rate``: the
+        last one's."""
+        self.interval_losses.extend(losses)
+        self.bar.update(len(losses))
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{learning_rate:.2e}")
 
     def interval(self, step: int, epoch: int, learning_rate: float, grad_norm: float) -> None:
         """Writes the line of the interval ending at ``step`` (of 1-based ``epoch``)."""

@@ -137,6 +137,28 @@ def embedding(
     return embed
 
 
+SELECT_MAX_ROWS = 16  # tables this small (token types) are looked up by selection
+
+
+def lookup(embed: nnx.Embed, ids: Array) -> Array:
+    """``embed(ids)``, the same values, with a float32 gradient and no cast of the whole table.
+
+    ``nnx.Embed`` casts its whole table to the compute dtype and gathers from the copy, so with
+    bfloat16 compute the gradient is a bfloat16 scatter-add over the whole table (thousands of
+    bfloat16 additions into each token-type row). Here the rows are gathered from the float32
+    table and then cast; a table of at most :data:`SELECT_MAX_ROWS` rows is read by selection,
+    so its gradient is a float32 sum rather than a scatter.
+    """
+    table = embed.embedding[...]
+    if table.shape[0] <= SELECT_MAX_ROWS:
+        rows = jnp.where((ids == 0)[..., None], table[0], 0.0)
+        for row in range(1, table.shape[0]):
+            rows = rows + jnp.where((ids == row)[..., None], table[row], 0.0)
+    else:
+        rows = jnp.take(table, ids, axis=0)
+    return rows.astype(embed.dtype or table.dtype)
+
+
 def dropout_keys(
     config: Any, deterministic: bool, dropout_rng: Key, num: int, rates: tuple[float, ...] = ()
 ) -> Key:

@@ -24,6 +24,7 @@ from childtuning_jax.models.blocks import (
     embedding,
     layer_norm,
     linear,
+    lookup,
     take,
 )
 
@@ -100,6 +101,16 @@ class Embeddings(nnx.Module):
             )
         return jnp.broadcast_to(jnp.arange(length), input_ids.shape)
 
+    def positions(self, input_ids: Array) -> Array:
+        """The position embeddings of ``input_ids``; absolute positions 0, 1, ... are one slice
+        of the table (broadcast over the batch: their gradient is a sum, not a scatter)."""
+        table = self.position_embeddings
+        if self.roberta_positions:
+            return lookup(table, self.position_ids(input_ids))
+        self.position_ids(input_ids)  # checks the length
+        rows = table.embedding[...][: input_ids.shape[1]]
+        return rows.astype(table.dtype or rows.dtype)[None]
+
     def __call__(
         self,
         input_ids: Array,
@@ -110,11 +121,11 @@ class Embeddings(nnx.Module):
         """``perturb_embeddings`` maps the word embeddings alone, before the sum and LayerNorm."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        positions = self.position_ids(input_ids)
-        words = self.word_embeddings(input_ids)
+        words = lookup(self.word_embeddings, input_ids)
         if perturb_embeddings is not None:
             words = perturb_embeddings(words)
-        x = words + self.token_type_embeddings(token_type_ids) + self.position_embeddings(positions)
+        types = lookup(self.token_type_embeddings, token_type_ids)
+        x = words + types + self.positions(input_ids)
         return dropout(self.LayerNorm(x), self.rate, key)
 
 
@@ -124,7 +135,7 @@ class SelfAttention(nnx.Module):
     Without attention dropout (evaluation, or a zero rate) attention goes through
     ``jax.nn.dot_product_attention``, which XLA may lower to a fused kernel on GPU. With
     attention-probability dropout in training (which that function lacks) the probabilities are
-    computed explicitly, in float32, and dropped as ``transformers`` does.
+    computed explicitly (softmax in float32) and dropped as ``transformers`` does.
     """
 
     def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
@@ -143,10 +154,14 @@ class SelfAttention(nnx.Module):
         if key is None or self.rate == 0.0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            # Scores in the compute dtype, then float32 for the softmax (as autocast does): a
+            # float32 product would make the backward's two score matmuls float32 as well.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
             logits = jnp.where(mask, logits / math.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
-            probs = dropout(jax.nn.softmax(logits, axis=-1), self.rate, key)
-            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+            # Softmax in float32, dropout on the probabilities in the compute dtype (half the
+            # memory traffic of the largest activation in bfloat16).
+            probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype), self.rate, key)
+            out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
 

@@ -39,6 +39,7 @@ from childtuning_jax.models.blocks import (
     embedding,
     layer_norm,
     linear,
+    lookup,
     take,
 )
 from childtuning_jax.models.sequence_classifier import SequenceClassifier
@@ -227,7 +228,7 @@ class XLNetModel(nnx.Module):
         ``perturb_embeddings``: applied to the word-embedding lookup, before its dropout.
         """
         batch, length = input_ids.shape
-        words = self.word_embedding(input_ids)
+        words = lookup(self.word_embedding, input_ids)
         if perturb_embeddings is not None:
             words = perturb_embeddings(words)
         h = dropout(words, self.rate, take(keys, 0))
