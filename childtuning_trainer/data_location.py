@@ -28,10 +28,13 @@ def data_root() -> str:
     return root
 
 
+OWN_FILES = ("csv", "jsonl")  # tasks.own_data's formats
+
+
 def task_data_dir(task_name: str, data_dir: str = "") -> str:
     """``data_dir`` when set; else the first of ``$CHILDTUNING_DATA_DIR``, its ``glue/`` and its
     ``nli/`` that holds ``task_name``'s folder; else "" (the hub)."""
-    if data_dir:
+    if data_dir or task_name.lower() in OWN_FILES:  # your own files name their paths
         return data_dir
     root = data_root()
     folder = getattr(tasks.get_task(task_name), "folder", None)

@@ -27,8 +27,9 @@ SLOW_TRAIN = """
 import os, runpy, sys, time
 sys.path.insert(0, os.getcwd())  # this checkout's packages, also when run as a script file
 from childtuning_trainer import outputs
-step = outputs.TrainingLog.step
-outputs.TrainingLog.step = lambda self, *a: (time.sleep(0.3), step(self, *a))[1]
+steps = outputs.TrainingLog.steps
+outputs.TrainingLog.steps = lambda self, losses, *a: (
+    time.sleep(0.3 * len(losses)), steps(self, losses, *a))[1]
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -210,8 +210,10 @@ def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir, make_confi
     assert cached["history"] == fresh["history"]
     for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(fresh_params), strict=True):
         assert np.array_equal(a, b)
-    for changed in ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1}):
-        config = make_config(tiny_model, workdir / "cache_x", **{**common, **changed})
+    for i, changed in enumerate(
+        ({"seed": 7}, {"dropout": 0.2}, {"max_train_samples": NUM_TRAIN - 1})
+    ):
+        config = make_config(tiny_model, workdir / f"cache_x{i}", **{**common, **changed})
         config.fisher_cache_dir = str(cache)
         run = run_setup.prepare(Settings.from_config(config))
         computed = mask_rules.fisher_pass(
@@ -377,9 +379,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir, make_conf
 
     outcomes, masks = {}, {}
     for dtype in ("float32", "bfloat16"):
-        config = make_config(
-            tiny_model,
-            workdir / f"dtype_{dtype}",
+        settings = dict(
             task="stsb",
             mode="D",
             num_devices=1,
@@ -388,7 +388,9 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir, make_conf
             log_every_steps=3,
             dtype=dtype,
         )
-        run = run_setup.prepare(Settings.from_config(config))
+        config = make_config(tiny_model, workdir / f"dtype_{dtype}", **settings)
+        fisher_config = make_config(tiny_model, workdir / f"fisher_{dtype}", **settings)
+        run = run_setup.prepare(Settings.from_config(fisher_config))
         fisher = mask_rules.fisher_pass(
             run.settings, run.objective, run.params, run.data, run.devices
         ).fisher
