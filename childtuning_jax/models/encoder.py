@@ -20,6 +20,7 @@ from childtuning_jax.models.blocks import (
     Array,
     EmbeddingHook,
     Key,
+    canonical_length,
     dropout,
     embedding,
     layer_norm,
@@ -82,6 +83,7 @@ class Embeddings(nnx.Module):
         self.pad_token_id = pad
         self.max_positions = config.max_position_embeddings
         self.rate = config.hidden_dropout_prob
+        self.seq_len = canonical_length(config)  # dropout masks by position, not padded length
 
     def position_ids(self, input_ids: Array) -> Array:
         length = input_ids.shape[1]
@@ -115,7 +117,7 @@ class Embeddings(nnx.Module):
         if perturb_embeddings is not None:
             words = perturb_embeddings(words)
         x = words + self.token_type_embeddings(token_type_ids) + self.position_embeddings(positions)
-        return dropout(self.LayerNorm(x), self.rate, key)
+        return dropout(self.LayerNorm(x), self.rate, key, (1,), self.seq_len)
 
 
 class SelfAttention(nnx.Module):
@@ -135,6 +137,7 @@ class SelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // config.num_attention_heads
         self.rate = config.attention_probs_dropout_prob
+        self.seq_len = canonical_length(config)
 
     def __call__(self, x: Array, mask: Array, key: Key) -> Array:
         batch, length, _ = x.shape
@@ -145,7 +148,8 @@ class SelfAttention(nnx.Module):
         else:
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
             logits = jnp.where(mask, logits / math.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
-            probs = dropout(jax.nn.softmax(logits, axis=-1), self.rate, key)
+            probs = jax.nn.softmax(logits, axis=-1)  # (batch, heads, query, key)
+            probs = dropout(probs, self.rate, key, (2, 3), self.seq_len)
             out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
@@ -157,9 +161,11 @@ class DenseOutput(nnx.Module):
         self.dense = linear(n_in, config.hidden_size, config, dtype, rngs)
         self.LayerNorm = layer_norm(config, dtype, rngs)
         self.rate = config.hidden_dropout_prob
+        self.seq_len = canonical_length(config)
 
     def __call__(self, x: Array, residual: Array, key: Key) -> Array:
-        return self.LayerNorm(dropout(self.dense(x), self.rate, key) + residual)
+        dropped = dropout(self.dense(x), self.rate, key, (1,), self.seq_len)
+        return self.LayerNorm(dropped + residual)
 
 
 class Attention(nnx.Module):
