@@ -1,8 +1,9 @@
 """Run groups: runs differing in seed, learning rate and mode (vanilla with D), trained as one
 vmapped program, equal the same runs trained alone: the same batches in the same order, per-step
-losses to 1e-5, the same D masks, dev metrics within 0.002; one device or two (``jit``); a killed
-group resumes every run as uninterrupted. Not bitwise: a vmapped step batches the runs' matmuls
-and a step pads a run's batch to the group's longest bucket, so XLA sums in another order."""
+losses to 1e-5, the same D masks, dev metrics within 0.002, with dropout off and with the model's
+own dropout; one device or two (``jit``); a killed group resumes every run as uninterrupted. Not
+bitwise: a vmapped step batches the runs' matmuls and a step pads a run's batch to the group's
+longest bucket, so XLA sums in another order."""
 
 import functools
 import json
