@@ -11,6 +11,12 @@ For a uniformly random ``seed[0]`` every element's word is exactly uniform over 
 affine map and the hash are bijections of the index), so ``word < t`` holds with probability
 exactly ``t / 2**32``. The random odd multiplier and the hash's avalanche decorrelate neighbouring
 elements and successive calls.
+
+``index_shape`` (at least ``shape`` along every axis) hashes each element by its flat index in
+``index_shape`` instead: the word of an element then depends on its position alone, not on how far
+the tensor extends along an axis (a dropout mask on a padded batch equals the unpadded one on the
+original positions). The index is a sum of per-axis iotas times fixed strides, still one hash per
+element, fused.
 """
 
 from __future__ import annotations
@@ -32,18 +38,39 @@ def mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def uniform_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
-    """32 uniform random bits per element of ``shape`` from a ``uint32[2]`` ``seed``.
+def flat_index(shape: tuple[int, ...], index_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """The uint32 flat index in ``index_shape`` (default ``shape``) of each element of ``shape``.
 
-    Raises ``ValueError`` for 2**32 elements or more (the index would wrap and repeat words).
+    Raises ``ValueError`` when ``index_shape`` is smaller than ``shape`` along an axis, or has 2**32
+    elements or more (the index would wrap and repeat words).
     """
-    size = math.prod(shape)
+    index_shape = tuple(shape if index_shape is None else index_shape)
+    if len(index_shape) != len(shape) or any(
+        n > m for n, m in zip(shape, index_shape, strict=True)
+    ):
+        raise ValueError(f"index_shape {index_shape} must be at least {shape} on every axis")
+    size = math.prod(index_shape)
     if size >= UINT32_RANGE:
         raise ValueError(
             f"{size} elements is too many for the 32-bit hash (at most 2**32 - 1); "
             "use jax.random.bernoulli (ChildTuning-F: sampler='jax')"
         )
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    if index_shape == shape:
+        return jax.lax.iota(jnp.uint32, size).reshape(shape)
+    strides = [math.prod(index_shape[axis + 1 :]) for axis in range(len(shape))]
+    index = jnp.zeros(shape, jnp.uint32)
+    for axis, stride in enumerate(strides):
+        if shape[axis] > 1:
+            index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    return index
+
+
+def uniform_bits(
+    shape: tuple[int, ...], seed: jax.Array, index_shape: tuple[int, ...] | None = None
+) -> jax.Array:
+    """32 uniform random bits per element of ``shape`` from a ``uint32[2]`` ``seed``, hashed by
+    each element's flat index in ``index_shape`` (default ``shape``; :func:`flat_index`)."""
+    index = flat_index(tuple(shape), index_shape)
     return mix32(index * (seed[1] | jnp.uint32(1)) + seed[0])
 
 
@@ -52,9 +79,11 @@ def keep_threshold(p: float) -> int:
     return min(max(round(p * UINT32_RANGE), 1), UINT32_RANGE - 1)
 
 
-def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+def bernoulli(
+    key: jax.Array, p: float, shape: tuple[int, ...], index_shape: tuple[int, ...] | None = None
+) -> jax.Array:
     """A boolean mask, True with probability ``keep_threshold(p) / 2**32`` (within 2**-32 of
     ``p``), like ``jax.random.bernoulli(key, p, shape)`` but one hash per element; ``p`` is a
-    Python float in (0, 1)."""
+    Python float in (0, 1). ``index_shape``: as in :func:`uniform_bits`."""
     seed = jax.random.bits(key, (2,), jnp.uint32)
-    return uniform_bits(shape, seed) < jnp.uint32(keep_threshold(p))
+    return uniform_bits(shape, seed, index_shape) < jnp.uint32(keep_threshold(p))

@@ -18,8 +18,9 @@ group loop (:mod:`childtuning_trainer.group_loop`) stacks with ``jax.vmap``:
 Padding: each run keeps its own buckets (fitted to its own batches, as alone); a step's batches
 are cut to the longest of the runs' own bucket lengths. Extra positions are padding (attention
 mask 0), so each run's examples, order, losses and metrics are its own up to float rounding.
-Dropout masks are drawn per element of the padded tensor (``hash_random``), so with dropout on
-they equal the lone run's only at steps where the group's length is the run's own length.
+Dropout masks depend on each element's position, not on the padded length (``seq_axes`` of
+``childtuning_jax.models.blocks.dropout``), so they equal the lone run's with dropout on too;
+except XLNet's (no maximum length, left padding), drawn per element of the padded tensor.
 """
 
 from __future__ import annotations

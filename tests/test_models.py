@@ -465,11 +465,13 @@ def test_sharded_safetensors_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
-def test_dropout_drops_at_its_rate_independently_and_rescales(rate):
+@pytest.mark.parametrize("seq_len", [None, 512])  # hashed by position in a (64, 512, 96) layout
+def test_dropout_drops_at_its_rate_independently_and_rescales(rate, seq_len):
     from childtuning_jax.models.blocks import dropout
 
     x = jnp.ones((64, 128, 96))
-    out = np.asarray(jax.jit(lambda k: dropout(x, rate, k))(jax.random.key(3)))
+    drop = jax.jit(lambda k: dropout(x, rate, k, (1,), seq_len))
+    out = np.asarray(drop(jax.random.key(3)))
     kept = out != 0
     n = kept.size
     # Six sigma of a Binomial(n, 1 - rate) fraction.
@@ -481,7 +483,30 @@ def test_dropout_drops_at_its_rate_independently_and_rescales(rate):
         (flat[:, :, 1:], flat[:, :, :-1]),
         (flat[:, 1:], flat[:, :-1]),
         (flat[1:], flat[:-1]),
-        (flat, np.asarray(jax.jit(lambda k: dropout(x, rate, k))(jax.random.key(4))) != 0),
+        (flat, np.asarray(drop(jax.random.key(4))) != 0),
     ]:
         r = np.corrcoef(a.ravel(), np.asarray(b, np.float64).ravel())[0, 1]
         assert abs(r) < 6 / np.sqrt(a.size), r
+
+
+@pytest.mark.parametrize("shape, seq_axes", [((3, 5, 8), (1,)), ((3, 2, 5, 5), (2, 3))])
+def test_dropout_mask_of_a_position_does_not_depend_on_padding(shape, seq_axes):
+    from childtuning_jax.models.blocks import dropout
+
+    key, rate, seq_len = jax.random.key(5), 0.5, 16
+    x = jax.random.normal(jax.random.key(0), shape)
+    padded = jnp.pad(x, [(0, 7) if a in seq_axes else (0, 0) for a in range(x.ndim)])
+    drop = jax.jit(dropout, static_argnums=(1, 3, 4))
+    out = np.asarray(drop(x, rate, key, seq_axes, seq_len))
+    out_padded = np.asarray(drop(padded, rate, key, seq_axes, seq_len))
+    np.testing.assert_array_equal(out_padded[tuple(slice(0, n) for n in shape)], out)
+    assert 0 < (out != 0).mean() < 1
+    # Without a fixed length the mask follows the padded layout.
+    plain = np.asarray(drop(padded, rate, key, (), None))
+    assert (plain[tuple(slice(0, n) for n in shape)] != out).any()
+    # Every element's index is distinct: no two positions share a hash word.
+    from childtuning_jax import hash_random
+
+    index_shape = tuple(seq_len if a in seq_axes else n for a, n in enumerate(padded.shape))
+    index = np.asarray(hash_random.flat_index(padded.shape, index_shape))
+    assert len(np.unique(index)) == index.size and index.max() < np.prod(index_shape)

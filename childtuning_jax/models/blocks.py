@@ -8,6 +8,7 @@ once into one key per dropout site (:func:`dropout_keys`, :func:`take`), so a mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -66,22 +67,45 @@ def take(keys: Key, index: int | slice) -> Key:
     return None if keys is None else keys[index]
 
 
-def dropout(x: Array, rate: float, key: Key) -> Array:
+def dropout(
+    x: Array, rate: float, key: Key, seq_axes: tuple[int, ...] = (), seq_len: int | None = None
+) -> Array:
     """Inverted dropout, as ``torch.nn.Dropout`` in training; identity when ``key`` is ``None``.
 
     The mask comes from :func:`childtuning_jax.hash_random.bernoulli` (one hash per element, fused
     into the scaling) rather than per-element threefry, which is a noticeable share of a training
     step. Each element is kept with probability ``1 - rate`` within 2**-32.
+
+    ``seq_axes`` and ``seq_len`` (:func:`canonical_length`): the sequence axes of ``x`` and a
+    fixed length for them. Each element is then hashed by its index in ``x``'s shape with those
+    axes ``seq_len`` long, so its mask depends on its position (row, head, query, key, feature)
+    alone: ``x`` padded with more positions at the end of a sequence axis gets the same mask on
+    its original positions (a run in a group, padded to the group's length, drops as alone).
+    Without them, or when that index space reaches 2**32 elements (very large batches), the
+    index is the position in ``x`` itself, which changes with the padded length.
     """
     if key is None or rate == 0.0:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
+    index_shape = x.shape
+    if seq_len is not None:
+        axes = {axis % x.ndim for axis in seq_axes}
+        canonical = tuple(max(n, seq_len) if a in axes else n for a, n in enumerate(x.shape))
+        if math.prod(canonical) < hash_random.UINT32_RANGE:
+            index_shape = canonical
     if x.size < hash_random.UINT32_RANGE:
-        keep = hash_random.bernoulli(key, 1.0 - rate, x.shape)
+        keep = hash_random.bernoulli(key, 1.0 - rate, x.shape, index_shape)
     else:  # beyond the hash's 32-bit index
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def canonical_length(config: Any) -> int | None:
+    """The fixed sequence length dropout hashes positions in (:func:`dropout`): the model's
+    ``max_position_embeddings``, or ``None`` where it has no such bound (XLNet: -1 or absent)."""
+    length = getattr(config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def linear(n_in: int, n_out: int, config: Any, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:

@@ -20,6 +20,7 @@ from childtuning_jax.models.blocks import (
     Array,
     EmbeddingHook,
     Key,
+    canonical_length,
     dropout,
     embedding,
     layer_norm,
@@ -83,6 +84,7 @@ class Embeddings(nnx.Module):
         self.pad_token_id = pad
         self.max_positions = config.max_position_embeddings
         self.rate = config.hidden_dropout_prob
+        self.seq_len = canonical_length(config)  # dropout masks by position, not padded length
 
     def position_ids(self, input_ids: Array) -> Array:
         length = input_ids.shape[1]
@@ -126,7 +128,7 @@ class Embeddings(nnx.Module):
             words = perturb_embeddings(words)
         types = lookup(self.token_type_embeddings, token_type_ids)
         x = words + types + self.positions(input_ids)
-        return dropout(self.LayerNorm(x), self.rate, key)
+        return dropout(self.LayerNorm(x), self.rate, key, (1,), self.seq_len)
 
 
 class SelfAttention(nnx.Module):
@@ -146,6 +148,7 @@ class SelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // config.num_attention_heads
         self.rate = config.attention_probs_dropout_prob
+        self.seq_len = canonical_length(config)
 
     def __call__(self, x: Array, mask: Array, key: Key) -> Array:
         batch, length, _ = x.shape
@@ -160,7 +163,8 @@ class SelfAttention(nnx.Module):
             logits = jnp.where(mask, logits / math.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
             # Softmax in float32, dropout on the probabilities in the compute dtype (half the
             # memory traffic of the largest activation in bfloat16).
-            probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype), self.rate, key)
+            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (batch, heads, query, key)
+            probs = dropout(probs, self.rate, key, (2, 3), self.seq_len)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
@@ -172,9 +176,11 @@ class DenseOutput(nnx.Module):
         self.dense = linear(n_in, config.hidden_size, config, dtype, rngs)
         self.LayerNorm = layer_norm(config, dtype, rngs)
         self.rate = config.hidden_dropout_prob
+        self.seq_len = canonical_length(config)
 
     def __call__(self, x: Array, residual: Array, key: Key) -> Array:
-        return self.LayerNorm(dropout(self.dense(x), self.rate, key) + residual)
+        dropped = dropout(self.dense(x), self.rate, key, (1,), self.seq_len)
+        return self.LayerNorm(dropped + residual)
 
 
 class Attention(nnx.Module):

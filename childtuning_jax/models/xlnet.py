@@ -19,6 +19,10 @@ is, no transpose).
 The attention mask marks padding with zeros (``attention_mask``, as BERT); a position may attend
 to every non-padding position and to itself. ``token_type_ids=None`` drops the segment term
 (PyTorch does the same), which differs from all-zero token types.
+
+Dropout masks hash each element's index in the tensor as given (XLNet has no maximum length to
+fix positions by, and pads on the left), so unlike the encoder models an XLNet run padded longer
+(a run group's common length) draws other masks: XLNet groups with dropout on are not exact.
 """
 
 from __future__ import annotations
