@@ -20,10 +20,8 @@ import glob
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -172,16 +170,10 @@ def run_group(specs: Sequence[RunSpec], **kwargs: Any) -> list[dict]:
     digest = hashlib.sha1(" ".join(s.run_id for s in specs).encode()).hexdigest()[:10]
     group_dir = os.path.join(work_dir, f"group-{digest}")
     command, folders = group_command(specs, group_dir, kwargs)
-    cache_dir = kwargs.get("cache_dir", runner.CACHE_DIR)
-    env = {**os.environ, **(runner.compilation_cache_env(cache_dir) if cache_dir else {})}
     log_path = os.path.join(group_dir, "log.txt")
-    start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    cache_dir = kwargs.get("cache_dir", runner.CACHE_DIR)
+    returncode, wall = runner.run_logged(command, log_path, cache_dir)
+    if returncode != 0:
         error = runner.last_error(log_path)
         raise RuntimeError(f"group {group_dir} failed ({error}); see {log_path}")
     results_file = kwargs.get("results_file", store.RESULTS_FILE)

@@ -79,6 +79,18 @@ def logged_train_losses(output_dir: str) -> list[dict[str, Any]]:
     return [{k: line[k] for k in ("step", "epoch", "loss")} for line in lines if "loss" in line]
 
 
+def run_logged(command: list[str], log_path: str, cache_dir: str) -> tuple[int, float]:
+    """Runs ``command`` (with the compilation cache in ``cache_dir``, if any), appending its
+    output to ``log_path``; returns its exit status and wall time in seconds."""
+    env = {**os.environ, **(compilation_cache_env(cache_dir) if cache_dir else {})}
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc.returncode, time.perf_counter() - start
+
+
 def run_one(
     spec: RunSpec,
     *,
@@ -113,15 +125,9 @@ def run_one(
     if data_dirs and spec.get("task") in data_dirs:
         settings["data_dir"] = data_dirs[spec.get("task")]
     command = train_command(spec, config_file, output_dir, settings, train_script)
-    env = {**os.environ, **(compilation_cache_env(cache_dir) if cache_dir else {})}
     log_path = os.path.join(output_dir, "log.txt")
-    start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    returncode, wall = run_logged(command, log_path, cache_dir)
+    if returncode != 0:
         raise RuntimeError(f"run {spec.run_id} failed ({last_error(log_path)}); see {log_path}")
     return record_finished(spec, output_dir, command, wall, results_file, keep_checkpoints)
 
