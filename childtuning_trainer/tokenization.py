@@ -6,6 +6,7 @@ tokenizer's own padding side; the input pipeline then cuts each batch to its buc
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import datasets
@@ -52,6 +53,9 @@ def tokenize(
         num_proc=num_proc,
         keep_in_memory=True,
         load_from_cache_file=False,
+        # Nothing is cached, so no fingerprint is needed: a given one spares `datasets` from
+        # pickling ``encode`` (the whole tokenizer) to hash it, on every call.
+        new_fingerprint=uuid.uuid4().hex,
     )
     out = {k: np.asarray(ds[k], dtype=np.int32) for k in FEATURES}
     out["labels"] = np.asarray(examples.labels)

@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from kill_trials import REPO, SETTINGS, flags, outcome, same_outcome
 
-from childtuning_trainer import checkpoints, interruption, loop, settings
+from childtuning_trainer import checkpoints, interruption, loop, outputs, settings
 
 pytestmark = pytest.mark.needs_glue
 # The trials' run (6 steps, 3 per epoch) in mode F (no Fisher pass to wait for), checkpointed at
@@ -68,7 +69,10 @@ def _logged_steps(out) -> int:
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "signum, status",
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)  # SIGINT's handling is the same code: in this process below, here in `make test-slow`
 def test_a_signal_checkpoints_and_the_printed_command_resumes(
     reference, tiny_model, tmp_path, signum, status
 ):
@@ -101,6 +105,34 @@ def test_a_signal_checkpoints_and_the_printed_command_resumes(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from step {step}" in resumed.stdout
     assert same_outcome(outcome(out), reference)
+
+
+def test_ctrl_c_in_this_process_checkpoints_and_the_run_resumes(
+    reference, tiny_model, tmp_path, make_config, monkeypatch
+):
+    """SIGINT (Ctrl-C) during ``train_and_evaluate``: the step finishes, a checkpoint is written,
+    :class:`~childtuning_trainer.interruption.Interrupted` says where (exit status 130), Python's
+    own handler is back afterwards, and resuming ends as the uninterrupted run."""
+    steps = outputs.TrainingLog.steps
+
+    def slow_steps(self, losses, *args):  # a signal sent after the first logged step lands mid-run
+        if not getattr(slow_steps, "sent", False):
+            slow_steps.sent = True
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        time.sleep(0.3 * len(losses))
+        return steps(self, losses, *args)
+
+    monkeypatch.setattr(outputs.TrainingLog, "steps", slow_steps)
+    out = tmp_path / "run"
+    with pytest.raises(interruption.Interrupted) as stopped:
+        loop.train_and_evaluate(make_config(tiny_model, out))
+    assert stopped.value.signum == signal.SIGINT and stopped.value.exit_status == 130
+    step = stopped.value.step
+    assert 1 <= step < 6 and str(step) in os.listdir(out / "checkpoints")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    loop.train_and_evaluate(make_config(tiny_model, out, resume=True))
+    assert same_outcome(outcome(str(out)), reference)
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
