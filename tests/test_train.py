@@ -85,7 +85,8 @@ def initial_params(base_config):
     return _initial_params
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
+# F and D in `make test`; vanilla (the same step without a mask) in `make test-slow`.
+@pytest.mark.parametrize("mode", [pytest.param("vanilla", marks=pytest.mark.slow), "F", "D"])
 def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, initial_params, mode):
     one, params_one, out = run(mode, 1)
     four, params_four, _ = run(mode, 4)

@@ -213,7 +213,15 @@ def run(workdir, checkpoint, make_config):
 
 
 @pytest.mark.needs_glue
-@pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
+# D in `make test` (the Fisher pass, the mask and training); vanilla and F in `make test-slow`.
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("vanilla", marks=pytest.mark.slow),
+        pytest.param("F", marks=pytest.mark.slow),
+        "D",
+    ],
+)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end(run, checkpoint, arch, mode):
     results, params, out, caught = run(arch, mode)
