@@ -6,7 +6,9 @@ batch, key and learning rate it has alone), evaluation scores every run in one p
 run writes its own ``metrics.jsonl``, ``results.json`` (the loop's ``results_of``: the fields and
 ``config`` of the run alone), ``model/`` and the predictions. The group's checkpoints (in the group
 folder) hold the stacked state and every run's :class:`~childtuning_trainer.progress.Progress`,
-so a killed group resumes every run where it stood.
+so a killed group resumes every run where it stood. SIGINT and SIGTERM stop the group as they stop
+a run alone (:mod:`childtuning_trainer.interruption`): the step finishes, the group checkpoints,
+and :class:`~childtuning_trainer.interruption.Interrupted` says how to resume.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from childtuning_trainer.group_setup import (
     prepare_group,
     template_state,
 )
+from childtuning_trainer.interruption import StopRequest
 from childtuning_trainer.progress import EpochClock, Progress
 from childtuning_trainer.steps import TrainState
 from childtuning_trainer.tasks import metrics as task_metrics
 
-META_KEY = "runs"  # the group checkpoint's meta: {"step", "uniform", "runs": [Progress JSON]}
+# The group checkpoint's meta: {"step", "uniform", "flat_update", "runs": [Progress JSON]}.
+META_KEY = "runs"
 
 
 def group_train_step(group: Group, params: Any) -> Callable:
@@ -95,17 +99,24 @@ def save(group: Group, state: TrainState, progresses: Sequence[Progress], logs: 
         progress.data_order = {"seed": run.settings.seed, "epoch": epoch, "batch": batch}
         progress.interval_losses = log.interval_losses
         metas.append(progress.to_json())
-    meta = {"step": progresses[0].step, "uniform": group.uniform, META_KEY: metas}
-    checkpoints.save_checkpoint(group.manager, state, meta)
+    meta = {"step": progresses[0].step, "uniform": group.uniform, "flat_update": group.flat}
+    checkpoints.save_checkpoint(group.manager, state, {**meta, META_KEY: metas})
 
 
 def restore(group: Group) -> tuple[TrainState, list[Progress]] | None:
-    """The group's newest checkpoint (every run checked as ``loop.restore`` checks it)."""
-    meta = checkpoints.restore_meta(group.manager)
-    if meta is None:
+    """The group's newest readable checkpoint, in the mask layout and chain (flat or per leaf)
+    it was written with (every run checked as ``loop.restore`` checks it)."""
+
+    def template(meta: dict) -> TrainState:
+        group.uniform = meta["uniform"]
+        group.flat = bool(meta.get("flat_update", group.flat))
+        return template_state(group)
+
+    restored = checkpoints.restore_newest_readable(group.manager, template)
+    if restored is None:
         return None
-    group.uniform = meta["uniform"]
-    state, meta = checkpoints.restore_checkpoint(group.manager, template_state(group))
+    state, meta = restored
+    template(meta)  # the layout of the checkpoint read
     progresses = []
     for run, run_meta in zip(group.runs, meta[META_KEY], strict=True):
         checkpoints.check_resumable(run.settings, run_meta, run.global_batch)
@@ -124,14 +135,9 @@ def epoch_batches(group: Group, epoch: int, start: int):
         yield run_groups.group_batch(batches, group.paddings)
 
 
-def train(group: Group, state: TrainState, progresses: list[Progress]) -> TrainState | None:
-    """``loop.train_loop`` for the group: every run's log, evaluation and checkpoint at the
-    steps they come alone. Returns ``None`` when ``stop_after_steps`` stopped the group."""
-    lead, runs = group.lead, group.runs
-    outs = lead.settings.outputs
-    train_step = group_train_step(group, lead.params)
-    eval_step = group_eval_step(group)
-    logs = [
+def training_logs(group: Group, progresses: Sequence[Progress]) -> list[outputs.TrainingLog]:
+    """Each run's ``metrics.jsonl``, TensorBoard and progress bar, from where it stands."""
+    return [
         outputs.TrainingLog(
             r.settings.outputs.output_dir,
             r.settings.outputs.tensorboard,
@@ -143,8 +149,26 @@ def train(group: Group, state: TrainState, progresses: list[Progress]) -> TrainS
                 r.settings.child_tuning.mode, p.kept_fraction
             ),
         )
-        for r, p in zip(runs, progresses, strict=True)
+        for r, p in zip(group.runs, progresses, strict=True)
     ]
+
+
+def train(
+    group: Group, state: TrainState, progresses: list[Progress], stop: StopRequest
+) -> TrainState | None:
+    """``loop.train_loop`` for the group: every run's log, evaluation and checkpoint at the
+    steps they come alone. Returns ``None`` when ``stop_after_steps`` or a signal (``stop``,
+    after a checkpoint) stopped the group."""
+    lead, runs = group.lead, group.runs
+    outs = lead.settings.outputs
+    train_step = group_train_step(group, lead.params)
+    eval_step = group_eval_step(group)
+    logs = training_logs(group, progresses)
+
+    def close() -> None:
+        for log in logs:
+            log.close()
+
     # Run.step_rng per run: fold_in(fold_in(key(seed), 3), step).
     base_keys = jnp.stack([jax.random.fold_in(jax.random.key(r.settings.seed), 3) for r in runs])
     step_keys = jax.jit(jax.vmap(jax.random.fold_in, (0, None)))
@@ -160,17 +184,21 @@ def train(group: Group, state: TrainState, progresses: list[Progress]) -> TrainS
             for r, (run, progress, log) in enumerate(zip(runs, progresses, logs, strict=True)):
                 progress.step = step
                 learning_rate = float(run.schedule(step - 1))
-                log.step(float(losses[r]), learning_rate)
+                log.steps([float(losses[r])], learning_rate)
                 if step % outs.log_every_steps == 0 or step % lead.steps_per_epoch == 0:
                     log.interval(step, epoch + 1, learning_rate, float(norms[r]))
             if step == outs.stop_after_steps:
-                for log in logs:
-                    log.close()
+                close()
                 return None
-            if step % outs.checkpoint_every_steps == 0 and step % lead.steps_per_epoch:
+            mid_epoch = bool(step % lead.steps_per_epoch)
+            stopping = mid_epoch and stop.requested(step)  # a signal
+            if mid_epoch and (stopping or step % outs.checkpoint_every_steps == 0):
                 for clock in clocks:
                     clock.lap()
                 save(group, state, progresses, logs)
+            if stopping:  # a signal: stop after this step's checkpoint
+                close()
+                return None
         for clock, progress in zip(clocks, progresses, strict=True):
             progress.epoch_train_time_s.append(clock.lap())
         if outs.eval_every_epoch or step == lead.total_steps:
@@ -182,10 +210,12 @@ def train(group: Group, state: TrainState, progresses: list[Progress]) -> TrainS
                 progress.history.append({"epoch": epoch + 1, "step": step, "eval": metrics})
                 log.evaluation(step, epoch + 1, metrics)
         save(group, state, progresses, logs)
+        if step < lead.total_steps and stop.requested(step, agree=True):
+            close()
+            return None
         for log in logs:
             log.restart(step)
-    for log in logs:
-        log.close()
+    close()
     return state
 
 
@@ -229,24 +259,30 @@ def train_group(
     """Trains the runs of ``configs`` as one group (checkpoints in ``group_dir``); returns each
     run's ``(results, params)`` as ``train_and_evaluate`` does alone (``results_of``:
     ``loop.results_of``, passed in by the entry), or ``None`` when ``stop_after_steps`` stopped
-    the group."""
+    the group.
+
+    Raises:
+      interruption.Interrupted: SIGINT or SIGTERM stopped the group (after a checkpoint).
+    """
     compiled_before = compilation.programs()
-    group = prepare_group(configs, group_dir)
-    restored = restore(group) if group.lead.settings.outputs.resume else None
-    host_state, progresses = restored or initial_group_state(group)
-    for run, progress in zip(group.runs, progresses, strict=True):
-        progress.config = run.settings.config
-        progress.global_batch_size = run.global_batch
-        progress.num_devices = len(run.devices)
-        progress.num_train_examples = run.data.num_train_examples
-    state = parallel.replicate(host_state, group.devices)
-    del host_state
-    state = train(group, state, progresses)
-    group.manager.wait_until_finished()
-    group.manager.close()
-    for run in group.runs:
-        run.manager.close()
-    if state is None:
-        return None
-    report = compilation.run_report(group.devices, compiled_before)
-    return finish(group, state, progresses, results_of, report)
+    with StopRequest() as stop:
+        group = prepare_group(configs, group_dir)
+        stop.every = group.lead.settings.outputs.log_every_steps
+        stop.take_signals()  # back from jax.distributed's SIGTERM handler
+        restored = restore(group) if group.lead.settings.outputs.resume else None
+        host_state, progresses = restored or initial_group_state(group)
+        for run, progress in zip(group.runs, progresses, strict=True):
+            run.record_shape(progress)
+            progress.flat_update = group.flat
+        state = parallel.replicate(host_state, group.devices)
+        del host_state
+        state = train(group, state, progresses, stop)
+        group.manager.wait_until_finished()
+        group.manager.close()
+        for run in group.runs:
+            run.manager.close()
+        if state is None:
+            stop.raise_if_stopped(progresses[0].step)
+            return None
+        report = compilation.run_report(group.devices, compiled_before)
+        return finish(group, state, progresses, results_of, report)

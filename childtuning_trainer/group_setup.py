@@ -1,7 +1,8 @@
 """A run group's inputs and starting state: its runs, one vmapped Fisher pass, the stacked state.
 
 :func:`prepare_group` prepares every run as alone (:func:`~childtuning_trainer.run_setup.prepare`:
-its data, head, buckets and output folder); :func:`group_fisher` computes the Fisher information
+its data, head, buckets and output folder, after the group's own folder); :func:`group_fisher`
+computes the Fisher information
 of the D runs as one program (the library's ``fisher_step`` vmapped over the runs, each on its own
 batches in its own order, as :func:`~childtuning_trainer.mask_rules.fisher_pass` alone);
 :func:`initial_group_state` stacks the runs' states for :mod:`childtuning_trainer.group_loop`.
@@ -10,8 +11,10 @@ batches in its own order, as :func:`~childtuning_trainer.mask_rules.fisher_pass`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from childtuning_jax import fisher_mean, fisher_step, uniform_leaf_names
+from childtuning_jax.models.blocks import canonical_length
 from childtuning_trainer import (
     checkpoints,
     distributed,
@@ -30,6 +34,7 @@ from childtuning_trainer import (
     optimizer_chain,
     outputs,
     parallel,
+    run_folder,
     run_groups,
 )
 from childtuning_trainer.objective import weighted_sum
@@ -45,6 +50,7 @@ class Group:
 
     runs: list[Run]
     manager: ocp.CheckpointManager  # the group's checkpoints (the stacked state, every Progress)
+    flat: bool = False  # the flat optimizer chain (optimizer_chain.uses_flat_update)
     uniform: list[str] | None = None  # D's shared mask layout (None: an F group)
 
     @property
@@ -61,22 +67,65 @@ class Group:
 
 
 def prepare_group(configs: Sequence[Any], group_dir: str) -> Group:
-    """Checks that the configs can share a program, then prepares each run as alone."""
+    """Checks that the configs can share a program and claims the group's folder and its runs'
+    (``run_folder``: each refused when it holds anything, unless ``resume`` or ``overwrite``),
+    then prepares each run as alone."""
     settings = [Settings.from_config(c) for c in configs]
     run_groups.check_groupable([s.config for s in settings])
+    outs = dataclasses.replace(settings[0].outputs, output_dir=group_dir)
+    distributed.initialize(settings[0].parallelism)  # before the folders' barriers
+    run_folder.check(outs, kind="group")
+    for s in settings:  # every folder checked before any is written
+        run_folder.check(s.outputs)
+    run_folder.claim(outs, run_folder.GROUP_FILES, kind="group")
     runs = [prepare(s) for s in settings]
     shapes = {(r.total_steps, r.steps_per_epoch, r.global_batch) for r in runs}
     if len(shapes) > 1:
         raise ValueError(f"the runs of a group need the same steps and batch, not {shapes}.")
-    outs = settings[0].outputs
-    os.makedirs(group_dir, exist_ok=True)
-    manager = checkpoints.checkpoint_manager(dataclasses.replace(outs, output_dir=group_dir))
-    if manager.latest_step() is not None and not outs.resume:
-        raise ValueError(
-            f"{group_dir!r} already holds a group checkpoint; set --config.resume=true to "
-            "continue that group, or choose another output_dir."
-        )
-    return Group(runs, manager)
+    check_dropout_exact(runs)
+    manager = checkpoints.checkpoint_manager(outs)
+    return Group(runs, manager, optimizer_chain.uses_flat_update(settings[0].optimizer))
+
+
+def fisher_order(run: Run) -> np.ndarray:
+    """The order of the run's Fisher pass, as alone (``mask_rules.fisher_pass``)."""
+    limit = run.settings.child_tuning.fisher_max_train_samples
+    return input_pipeline.fisher_order(run.data.num_train_examples, limit, run.settings.seed)
+
+
+def padded_lengths(run: Run) -> np.ndarray:
+    """The length the run alone pads each of its batches to: its Fisher pass's, then every
+    epoch's training batches (``Padding.length``)."""
+    data, seed = run.data, run.settings.seed
+    orders = [fisher_order(run)] + [
+        input_pipeline.epoch_order(seed, e, data.num_train_examples)
+        for e in range(run.settings.num_train_epochs)
+    ]
+    size = run.global_batch
+    longest = np.concatenate([input_pipeline.batch_lengths(data.train, o, size) for o in orders])
+    buckets = np.asarray(data.padding.buckets)
+    return buckets[np.minimum(np.searchsorted(buckets, longest), len(buckets) - 1)]
+
+
+def check_dropout_exact(runs: Sequence[Run]) -> None:
+    """Refuses, in one line, a group with dropout whose model draws its dropout masks by position
+    in the padded tensor (no maximum length: XLNet, ``blocks.dropout``) when its runs pad a batch
+    to different lengths: their masks would then depend on the group."""
+    lead = runs[0]
+    if not lead.settings.model.has_dropout or lead.model.architecture is None:
+        return
+    architecture = json.loads(lead.model.architecture)
+    if canonical_length(types.SimpleNamespace(**architecture)):
+        return  # masks by position within the model's maximum length: as alone
+    lengths = [padded_lengths(run) for run in runs]
+    if all(np.array_equal(lengths[0], other) for other in lengths[1:]):
+        return
+    raise ValueError(
+        f"config.model={lead.settings.model.name!r} ({architecture.get('model_type')}) draws "
+        "dropout by position in the padded batch, and this group's runs pad their batches to "
+        "different lengths, so the group would not be exact; set --config.dropout=0.0 or "
+        "--config.padding=max_length, or train the runs alone."
+    )
 
 
 def chain_settings(settings: Settings) -> Settings:
@@ -97,7 +146,9 @@ def group_optimizer(group: Group, params: Any) -> optax.GradientTransformation:
         template = run_groups.group_template(params, group.uniform)
     warmup, total = settings.optimizer.warmup_ratio, lead.total_steps
     return run_groups.per_run_learning_rate(
-        lambda schedule: optimizer_chain.run_optimizer(settings, params, schedule, mask=template),
+        lambda schedule: optimizer_chain.run_optimizer(
+            settings, params, schedule, mask=template, flat=group.flat
+        ),
         lambda peak: optimizer_chain.learning_rate_schedule(peak, warmup, total),
     )
 
@@ -110,9 +161,9 @@ def run_state(group: Group, run: Run, params: Any, mask: Any) -> TrainState:
     packed in the group layout (:func:`~childtuning_trainer.run_groups.group_child_state`).
     """
     settings = chain_settings(run.settings)
-    init = lambda m: optimizer_chain.run_optimizer(settings, params, run.schedule, mask=m).init(
-        params
-    )
+    init = lambda m: optimizer_chain.run_optimizer(
+        settings, params, run.schedule, mask=m, flat=group.flat
+    ).init(params)
     inner = init(mask)
     if group.uniform is not None:
         template = init(run_groups.group_template(params, group.uniform))
@@ -140,17 +191,11 @@ def group_fisher(group: Group, runs: Sequence[Run], params: Sequence[Any]) -> li
     else:
         vstep = jax.vmap(lambda acc, p, batch: step(acc, p, batch, None), (0, 0, 1))
     mapped = parallel.map_step(vstep, devices, roles, parallel.REPLICATED, (0,))
-    streams = []
-    for run in runs:
-        seed, num = run.settings.seed, run.data.num_train_examples
-        limit = run.settings.child_tuning.fisher_max_train_samples
-        indices = input_pipeline.subset_indices(num, limit, seed)
-        order = indices[
-            input_pipeline.epoch_order(seed, 0, len(indices), input_pipeline.FISHER_STREAM)
-        ]
-        streams.append(
-            input_pipeline.fisher_batches(run.data.train, order, run.global_batch, len(devices))
-        )
+    shares = len(devices)
+    streams = [
+        input_pipeline.fisher_batches(run.data.train, fisher_order(run), run.global_batch, shares)
+        for run in runs
+    ]
     keys = jnp.stack([jax.random.fold_in(jax.random.key(r.settings.seed), 2) for r in runs])
     zeros = jax.tree.map(lambda p: np.zeros((len(runs), *np.shape(p)), np.float32), params[0])
     acc = parallel.replicate(zeros, devices)

@@ -124,6 +124,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int, stream: int = TRAIN_ST
     return np.random.default_rng([seed, stream, epoch]).permutation(num_examples)
 
 
+def fisher_order(num_examples: int, max_samples: int, seed: int) -> np.ndarray:
+    """The Fisher pass's examples in order: a seeded subset of at most ``max_samples`` (all if
+    <= 0), shuffled in its own stream (``FISHER_STREAM``)."""
+    indices = subset_indices(num_examples, max_samples, seed)
+    return indices[epoch_order(seed, 0, len(indices), FISHER_STREAM)]
+
+
 def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 

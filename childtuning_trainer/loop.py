@@ -292,10 +292,7 @@ def _train_and_evaluate(
     run = prepare(run_settings)
     stop.take_signals()  # back from jax.distributed's SIGTERM handler
     host_state, tx, progress = initial_state(run)
-    progress.config = run.settings.config
-    progress.global_batch_size = run.global_batch
-    progress.num_devices = len(run.devices)
-    progress.num_train_examples = run.data.num_train_examples
+    run.record_shape(progress)
     state = parallel.replicate(host_state, run.devices)
     del host_state
     run.params = None  # the devices hold the parameters now

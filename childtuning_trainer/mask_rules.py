@@ -147,11 +147,9 @@ def fisher_pass(
     if settings.model.has_dropout:
         dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
     batch_size = settings.data.per_device_batch_size * len(devices)
-    indices = input_pipeline.subset_indices(
+    order = input_pipeline.fisher_order(
         data.num_train_examples, settings.child_tuning.fisher_max_train_samples, seed
     )
-    stream = input_pipeline.FISHER_STREAM
-    order = indices[input_pipeline.epoch_order(seed, 0, len(indices), stream)]
     make_batches = lambda: input_pipeline.fisher_batches(
         data.train, order, batch_size, len(devices), data.padding
     )

@@ -1,8 +1,10 @@
 """The run's ``output_dir``: a run never writes over another run's files unless told to.
 
-- A folder that holds anything is refused unless ``config.resume`` (continue the run there) or
+- A folder that holds any file is refused unless ``config.resume`` (continue the run there) or
   ``config.overwrite`` (replace it) is set; ``output_dir`` naming a file is refused too.
 - ``overwrite`` deletes the files a run writes (:data:`RUN_FILES`) and leaves any other file.
+- A run group's folder (:mod:`childtuning_trainer.group_setup`) is claimed the same way, with
+  its own files (:data:`GROUP_FILES`), before each of its runs' folders.
 - ``resume`` on a finished run (a ``results.json`` and no checkpoint left, e.g. after the sweep
   deleted them) does nothing: :func:`finished_results` returns its results.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -37,6 +40,7 @@ RUN_FILES = (
     "model",
     "predictions",
 )
+GROUP_FILES = ("checkpoints",)  # what a run group writes into its own folder besides its runs'
 
 
 def has_checkpoint(output_dir: str) -> bool:
@@ -74,9 +78,15 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def claim(outputs: OutputSettings) -> None:
-    """Makes ``output_dir`` the run's: refuses another run's folder (see the module docstring),
-    clears it with ``overwrite``, creates it if missing.
+def holds_files(path: str) -> bool:
+    """Whether ``path`` is a file, or a folder with a file somewhere below it (a folder of empty
+    folders, as a run that stopped before its first checkpoint leaves, holds nothing)."""
+    return not os.path.isdir(path) or any(files for _, _, files in os.walk(path))
+
+
+def check(outputs: OutputSettings, kind: str = "run") -> list[str]:
+    """What ``output_dir`` holds, refused unless ``resume`` or ``overwrite`` (see the module
+    docstring); ``kind``: what continues there (a run, a group).
 
     Raises:
       ValueError: one line naming ``output_dir`` and the settings that allow it.
@@ -84,18 +94,32 @@ def claim(outputs: OutputSettings) -> None:
     output_dir = outputs.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"config.output_dir={output_dir!r} is a file; name a folder.")
-    held = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    held = [name for name in names if holds_files(os.path.join(output_dir, name))]
     if held and not (outputs.resume or outputs.overwrite):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ValueError(
             f"config.output_dir={output_dir!r} is not empty ({shown}); set "
-            "--config.resume=true to continue the run there, --config.overwrite=true to "
+            f"--config.resume=true to continue the {kind} there, --config.overwrite=true to "
             "replace it, or choose another output_dir."
         )
+    return held
+
+
+def claim(outputs: OutputSettings, own_files: Sequence[str] = RUN_FILES, kind: str = "run") -> None:
+    """Makes ``output_dir`` the run's (or the group's: ``kind``, ``own_files``): refuses another
+    run's folder (:func:`check`), deletes ``own_files`` there with ``overwrite``, creates it if
+    missing.
+
+    Raises:
+      ValueError: one line naming ``output_dir`` and the settings that allow it.
+    """
+    output_dir = outputs.output_dir
+    held = check(outputs, kind)
     _sync("output_dir_checked")  # every process has looked before any writes to it
     if outputs.overwrite and held:
         if is_writer():
-            for name in RUN_FILES:
+            for name in own_files:
                 path = os.path.join(output_dir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path)

@@ -20,7 +20,16 @@ are cut to the longest of the runs' own bucket lengths. Extra positions are padd
 mask 0), so each run's examples, order, losses and metrics are its own up to float rounding.
 Dropout masks depend on each element's position, not on the padded length (``seq_axes`` of
 ``childtuning_jax.models.blocks.dropout``), so they equal the lone run's with dropout on too;
-except XLNet's (no maximum length, left padding), drawn per element of the padded tensor.
+except XLNet's (no maximum length, left padding), drawn per element of the padded tensor: an
+XLNet group with dropout whose runs pad a batch to different lengths (different seeds, bucketed
+padding) is refused in one line (``group_setup.check_dropout_exact``; dropout 0 or
+``padding=max_length`` make it exact).
+
+A group is a run in every other way: its folder and each run's are claimed as a run's
+(:mod:`childtuning_trainer.run_folder`: ``overwrite`` deletes the group's checkpoints and each
+run's own files), SIGINT / SIGTERM finish the step, checkpoint the group and stop it
+(:mod:`childtuning_trainer.interruption`), and it runs on the run's layouts and processes
+(:mod:`childtuning_trainer.parallel`, :mod:`childtuning_trainer.distributed`).
 """
 
 from __future__ import annotations
@@ -121,9 +130,8 @@ def check_groupable(configs: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"a run group mixes modes {sorted(modes)}: F runs form their own group.")
     if modes == {"F"} and len({c.get("reserve_p") for c in configs}) > 1:
         raise ValueError("a group of F runs shares config.reserve_p (its threshold is compiled).")
-    for key in ("save_best", "overwrite"):  # what a run alone does; not built for groups
-        if first.get(key):
-            raise ValueError(f"config.{key} is not available in a run group; train runs alone.")
+    if first.get("save_best"):  # what a run alone does; not built for groups
+        raise ValueError("config.save_best is not available in a run group; train runs alone.")
     if len({c["output_dir"] for c in configs}) < len(configs):
         raise ValueError("the runs of a group need an output_dir each.")
 

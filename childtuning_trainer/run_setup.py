@@ -32,6 +32,7 @@ from childtuning_trainer import (
     steps,
 )
 from childtuning_trainer.objective import Model, make_objective
+from childtuning_trainer.progress import Progress
 from childtuning_trainer.settings import ModelSettings, Settings
 from childtuning_trainer.tasks import Task
 
@@ -107,6 +108,13 @@ class Run:
 
     def eval_step(self) -> Callable:
         return parallel.map_eval_step(steps.make_eval_step(self.model), self.devices)
+
+    def record_shape(self, progress: Progress) -> None:
+        """Writes the run's config and shape into ``progress`` (a resume checks them)."""
+        progress.config = self.settings.config
+        progress.global_batch_size = self.global_batch
+        progress.num_devices = len(self.devices)
+        progress.num_train_examples = self.data.num_train_examples
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Epoch ``epoch``'s (0-based) training batches, from batch ``start_batch`` on."""

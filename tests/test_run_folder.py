@@ -2,6 +2,7 @@
 ``resume`` or ``overwrite`` is set; ``overwrite`` replaces the run's files, ``resume`` of a
 finished run (its checkpoints deleted, as the sweep does) leaves it as it is."""
 
+import json
 import os
 import shutil
 
@@ -79,3 +80,42 @@ def test_output_dir_that_is_a_file_and_resume_with_overwrite_are_refused(tmp_pat
     empty = settings.output_settings(base_config(output_dir=str(tmp_path / "new" / "run")))
     run_folder.claim(empty)  # missing folders are created
     assert os.listdir(tmp_path / "new" / "run") == []
+
+
+def test_a_group_claims_its_folder_and_each_runs_folder_as_a_run_does(
+    tiny_model, tmp_path, run_config
+):
+    """A group's folder and its runs' are refused when they hold anything, before any of them is
+    written; ``overwrite`` deletes the group's checkpoints and each run's own files, no other."""
+    from childtuning_trainer import group_setup, run_groups
+
+    group_dir = tmp_path / "group"
+    for name in ("checkpoints/1", "seed_42", "seed_52/checkpoints"):  # the last holds nothing
+        (group_dir / name).mkdir(parents=True)
+    for name in ("checkpoints/1/x", "notes.txt", "seed_42/metrics.jsonl", "seed_42/mine.txt"):
+        (group_dir / name).write_text("{}\n")
+    before = _files(group_dir)
+    config = run_config(tiny_model, group_dir, group_seeds="42,52", **ONE_STEP)
+    with pytest.raises(
+        ValueError,
+        match=r"config.output_dir='.*group' is not empty \(checkpoints, notes.txt, seed_42\); "
+        r"set --config.resume=true to continue the group there",
+    ):
+        loop.train_and_evaluate(config)
+    assert _files(group_dir) == before
+
+    listing = tmp_path / "runs.json"  # group_runs: the runs' folders elsewhere, one of them held
+    held = str(group_dir / "seed_42")
+    runs = [dict(seed=1, output_dir=str(tmp_path / "a")), dict(seed=2, output_dir=held)]
+    listing.write_text(json.dumps(runs))
+    config = run_config(tiny_model, tmp_path / "g", group_runs=str(listing), **ONE_STEP)
+    with pytest.raises(ValueError, match=r"'.*seed_42' is not empty .* continue the run there"):
+        loop.train_and_evaluate(config)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "g").exists()
+
+    config = run_config(tiny_model, group_dir, group_seeds="42,52", overwrite=True, **ONE_STEP)
+    group = group_setup.prepare_group(run_groups.group_configs(config), str(group_dir))
+    for manager in [group.manager, *(run.manager for run in group.runs)]:
+        manager.close()
+    assert set(_files(group_dir)) == {"notes.txt", "seed_42/mine.txt"}
+    assert os.listdir(group_dir / "checkpoints") == []  # the group's own, emptied

@@ -1,7 +1,8 @@
 """Run groups: runs differing in seed, learning rate and mode (vanilla with D), trained as one
 vmapped program, equal the same runs trained alone: the same batches in the same order, per-step
 losses to 1e-5, the same D masks, dev metrics within 0.002, with dropout off and with the model's
-own dropout; one device or two (``jit``); a killed group resumes every run as uninterrupted. Not
+own dropout; one device or two (``jit``); a killed group resumes every run as uninterrupted; the
+flat update equals the per-leaf one; an XLNet group that cannot be exact is refused. Not
 bitwise: a vmapped step batches the runs' matmuls and a step pads a run's batch to the group's
 longest bucket, so XLA sums in another order."""
 
@@ -13,7 +14,16 @@ import numpy as np
 import pytest
 
 from childtuning_jax import ChildTuningFState
-from childtuning_trainer import group_loop, group_setup, loop, optimizer_chain, run_groups
+from childtuning_trainer import (
+    group_loop,
+    group_setup,
+    input_pipeline,
+    loop,
+    optimizer_chain,
+    run_groups,
+    settings,
+    tasks,
+)
 
 pytestmark = pytest.mark.needs_glue
 # CoLA: 40 examples in global batches of 8: 5 steps an epoch, 20 steps in 4 epochs.
@@ -103,7 +113,8 @@ def group(workdir, make_config):
 
 
 def test_group_batches_are_each_runs_own(workdir, make_config):
-    group = group_setup.prepare_group(member_configs(make_config, workdir / "batches"), "unused")
+    configs = member_configs(make_config, workdir / "batches")
+    group = group_setup.prepare_group(configs, str(workdir / "batches"))
     padded = 0
     for epoch in range(2):
         alone = [run.epoch_batches(epoch) for run in group.runs]
@@ -145,7 +156,7 @@ def test_group_with_dropout_equals_runs_alone(group, alone, workdir, make_config
     """With the model's own dropout rates (the tiny BERT's 0.1) the masks of a run's positions do
     not depend on how far the group pads its batch, so the group still equals the runs alone."""
     configs = member_configs(make_config, workdir / "dropout_batches", dropout=None)
-    assert padded_steps(group_setup.prepare_group(configs, "unused"))
+    assert padded_steps(group_setup.prepare_group(configs, str(workdir / "dropout_batches")))
     assert_equal_alone(*group(1, None), functools.partial(alone, dropout=None))
 
 
@@ -224,3 +235,48 @@ def test_an_f_group_keeps_each_runs_key_and_learning_rate(make_config, workdir):
         (key,) = [s.key for s in alone.init(run.params) if isinstance(s, ChildTuningFState)]
         (stacked,) = [s.key for s in state.opt_state.inner if isinstance(s, ChildTuningFState)]
         np.testing.assert_array_equal(stacked[r], key)
+
+
+def test_a_flat_group_equals_the_group_per_leaf(workdir, make_config):
+    """``flat_update`` (the default on accelerators) under ``vmap``, for a vanilla and a D run
+    (other seeds, learning rates and ``reserve_p``): each run's own mask, learning rate and key,
+    the same losses as the per-leaf chain to 1e-6."""
+    members = MEMBERS[1:]
+    logged = {}
+    for flat in (False, True):
+        group_dir = workdir / f"flat_{flat}"
+        base = make_config(group_dir, flat_update=flat, stop_after_steps=4)
+        folders = [{**m, "output_dir": str(group_dir / f"run{i}")} for i, m in enumerate(members)]
+        configs = run_groups.member_configs(base, folders)
+        assert group_loop.train_group(configs, str(group_dir), loop.results_of) is None
+        logged[flat] = [losses(group_dir / f"run{i}") for i in range(len(members))]
+    for flat, per_leaf in zip(logged[True], logged[False], strict=True):
+        assert [s for s, _ in flat] == [s for s, _ in per_leaf] == [1, 2, 3, 4]
+        np.testing.assert_allclose([v for _, v in flat], [v for _, v in per_leaf], rtol=1e-6)
+    assert logged[True][0] != logged[True][1]
+
+
+def test_an_xlnet_group_with_dropout_is_refused_unless_its_runs_pad_alike(
+    run_config, tiny_checkpoint, workdir
+):
+    """XLNet draws dropout by position in the padded tensor: a group of runs whose batches pad to
+    different lengths is refused in one line; without dropout, or padded to the maximum, not."""
+    base = run_config("", workdir, **RUN)
+    train, dev = input_pipeline.load_examples(
+        settings.data_settings(base), base.seed, tasks.get_task("cola")
+    )
+    xlnet = tiny_checkpoint("xlnet", texts=tuple(t for s in [train, *dev] for t in s.text_a))
+
+    def prepare(name, **overrides):
+        config = run_config(xlnet, workdir / name, **{**RUN, **overrides})
+        folders = [dict(seed=s, output_dir=str(workdir / name / f"seed_{s}")) for s in (42, 52)]
+        configs = run_groups.member_configs(config, folders)
+        return group_setup.prepare_group(configs, str(workdir / name))
+
+    with pytest.raises(ValueError, match=r"\(xlnet\) draws dropout by position .* alone\.$"):
+        prepare("xlnet_dropout", dropout=None)
+    exact = {"no_dropout": dict(dropout=0.0), "max_length": dict(padding="max_length")}
+    for name, overrides in exact.items():
+        group = prepare(f"xlnet_{name}", **{"dropout": None, **overrides})
+        lengths = [group_setup.padded_lengths(run) for run in group.runs]
+        assert (name == "max_length") == all(np.array_equal(lengths[0], x) for x in lengths)
