@@ -3,21 +3,19 @@ group and say how to resume (``train.py`` exits 130 / 143); a SIGKILL just after
 just after a mid-epoch checkpoint or just after an epoch's evaluation line, then resume, ends
 every run with the params, eval history and metrics log of an uninterrupted group, bit for bit
 (``tools/kill_trials.outcome``); two processes (``launch.py``, the ``jit`` layout) train a group
-as one process does."""
+as one process does; and with the flat update (the default on accelerators) a group logs the
+per-leaf group's losses (a mixed group's: ``test_run_groups.py``)."""
 
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from kill_trials import REPO, SETTINGS, flags, outcome, same_outcome
+from kill_trials import REPO, SETTINGS, flags, outcome, same_outcome, signal_then_resume
 
 from childtuning_trainer import interruption, loop, outputs
 
@@ -32,6 +30,7 @@ GROUP = dict(
     parallelism="jit",
     tensorboard=False,
     write_predictions=False,
+    flat_update=False,  # per leaf (the CPU's default), against a flat group below
 )
 # train.py, SIGKILLed at KILL_MOMENT: just after the group's Fisher pass (no mask written yet),
 # just after step 4's checkpoint is committed (mid-epoch 2), or just after the first run's line
@@ -161,44 +160,12 @@ def test_train_py_stops_a_group_on_sigterm_and_prints_the_command_that_resumes(
     reference, workdir, tiny_model
 ):
     """The command line's side: exit status 143 and the resume command as the last line."""
-    out = str(workdir / "train_py_signal")
-    args = flags(tiny_model, out, **GROUP, checkpoint_every_steps=100)
-    slow = (
-        "import runpy, sys, time\n"
-        "from childtuning_trainer import outputs\n"
-        "steps = outputs.TrainingLog.steps\n"
-        "outputs.TrainingLog.steps = lambda self, *a: (time.sleep(0.3), steps(self, *a))[1]\n"
-        "sys.argv = ['train.py', *sys.argv[1:]]\n"
-        "runpy.run_path('train.py', run_name='__main__')\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", slow, *args],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = os.path.join(out, f"seed_{SEEDS[-1]}", "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-        if os.path.exists(metrics) and os.path.getsize(metrics):
-            break  # the group has logged a step: it is training
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
-    step = int(re.fullmatch(r"interrupted at step (\d+); resume with: .*", last).group(1))
-    assert 1 <= step < 6 and str(step) in os.listdir(os.path.join(out, "checkpoints"))
-    command = last.split("resume with: ", 1)[1]
-    assert command == shlex.join([sys.executable, "train.py", *args, "--config.resume=True"])
-    resumed = subprocess.run(
-        shlex.split(command), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming the group from step {step}" in resumed.stdout
-    assert_same_outcomes(outcomes(workdir / "train_py_signal"), reference)
+    out = workdir / "train_py_signal"
+    args = flags(tiny_model, str(out), **GROUP, checkpoint_every_steps=100)
+    logged = str(out / f"seed_{SEEDS[-1]}" / "metrics.jsonl")
+    step, printed = signal_then_resume(args, str(out), logged, signal.SIGTERM, env())
+    assert f"Resuming the group from step {step}" in printed
+    assert_same_outcomes(outcomes(out), reference)
 
 
 @pytest.mark.slow  # two processes joined over gloo: about two minutes
@@ -231,4 +198,21 @@ def test_two_processes_train_a_group_as_one(reference, workdir, tiny_model):
             [x.get("loss", 0.0) for x in lines],
             [x.get("loss", 0.0) for x in expected_lines],
             rtol=1e-5,
+        )
+
+
+def test_a_flat_group_equals_the_group_per_leaf(reference, workdir, make_config):
+    """``flat_update`` under ``vmap`` (each run's own D mask, key and dropout, data-parallel):
+    the per-leaf group's losses to 1e-6 relative."""
+    out = workdir / "flat"
+    assert loop.train_and_evaluate(make_config(out, flat_update=True, stop_after_steps=4)) is None
+    for seed in SEEDS:
+        logged = (out / f"seed_{seed}" / "metrics.jsonl").read_text()
+        flat, per_leaf = (
+            [json.loads(x) for x in text.splitlines() if '"loss"' in x][:4]
+            for text in (logged, reference[seed]["metrics.jsonl"])
+        )
+        assert [x["step"] for x in flat] == [x["step"] for x in per_leaf] == [1, 2, 3, 4]
+        np.testing.assert_allclose(
+            [x["loss"] for x in flat], [x["loss"] for x in per_leaf], rtol=1e-6
         )

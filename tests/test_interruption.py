@@ -4,7 +4,6 @@ warning and the run resumes from the one before. Either way the resumed run ends
 uninterrupted one, bit for bit (``tools/kill_trials.outcome``)."""
 
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -15,7 +14,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from kill_trials import REPO, SETTINGS, flags, outcome, same_outcome
+from kill_trials import (
+    REPO,
+    SETTINGS,
+    SLOW_TRAIN,
+    flags,
+    outcome,
+    same_outcome,
+    signal_then_resume,
+)
 
 from childtuning_trainer import checkpoints, interruption, loop, outputs, settings
 
@@ -23,17 +30,6 @@ pytestmark = pytest.mark.needs_glue
 # The trials' run (6 steps, 3 per epoch) in mode F (no Fisher pass to wait for), checkpointed at
 # the ends of epochs only: a mid-epoch checkpoint is the signal's.
 RUN = dict(mode="F", checkpoint_every_steps=100)
-# train.py, each step slowed down so that a signal lands mid-run.
-SLOW_TRAIN = """
-import os, runpy, sys, time
-sys.path.insert(0, os.getcwd())  # this checkout's packages, also when run as a script file
-from childtuning_trainer import outputs
-steps = outputs.TrainingLog.steps
-outputs.TrainingLog.steps = lambda self, losses, *a: (
-    time.sleep(0.3 * len(losses)), steps(self, losses, *a))[1]
-sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path("train.py", run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -77,33 +73,10 @@ def test_a_signal_checkpoints_and_the_printed_command_resumes(
     reference, tiny_model, tmp_path, signum, status
 ):
     out = str(tmp_path / "run")
-    args = flags(tiny_model, out, **RUN)
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TRAIN, *args],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while _logged_steps(out) < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == status, stderr[-3000:]
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    step = int(re.fullmatch(r"interrupted at step (\d+); resume with: .*", last).group(1))
-    assert 1 <= step < 6 and str(step) in os.listdir(os.path.join(out, "checkpoints"))
-    command = last.split("resume with: ", 1)[1]
-    assert command == shlex.join([sys.executable, "train.py", *args, "--config.resume=True"])
-
-    resumed = subprocess.run(
-        shlex.split(command), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from step {step}" in resumed.stdout
+    logged = os.path.join(out, "metrics.jsonl")
+    step, printed = signal_then_resume(flags(tiny_model, out, **RUN), out, logged, signum, env())
+    assert status == 128 + signum
+    assert f"Resuming from step {step}" in printed
     assert same_outcome(outcome(out), reference)
 
 

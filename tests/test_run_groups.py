@@ -237,6 +237,7 @@ def test_an_f_group_keeps_each_runs_key_and_learning_rate(make_config, workdir):
         np.testing.assert_array_equal(stacked[r], key)
 
 
+@pytest.mark.slow  # the default suite's variant: test_group_interruption.py
 def test_a_flat_group_equals_the_group_per_leaf(workdir, make_config):
     """``flat_update`` (the default on accelerators) under ``vmap``, for a vanilla and a D run
     (other seeds, learning rates and ``reserve_p``): each run's own mask, learning rate and key,

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +36,18 @@ async def dying_finalize(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return await finalize(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = dying_finalize
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+# train.py, each step slowed down so that a signal lands mid-run.
+SLOW_TRAIN = """
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())  # this checkout's packages, also when run as a script file
+from childtuning_trainer import outputs
+steps = outputs.TrainingLog.steps
+outputs.TrainingLog.steps = lambda self, losses, *a: (
+    time.sleep(0.3 * len(losses)), steps(self, losses, *a))[1]
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -183,6 +196,43 @@ def resume_launched(model: str, output_dir: str, logs: str) -> None:
     ]
     done = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def signal_then_resume(
+    args: list[str], output_dir: str, logged: str, signum: int, environ: dict
+) -> tuple[int, str]:
+    """Starts train.py with ``args`` (:data:`SLOW_TRAIN`), sends ``signum`` once ``logged`` (a
+    ``metrics.jsonl``) holds a line, checks the exit status (128 + ``signum``), that the last
+    line names a checkpointed step and the command that resumes, and runs that command to the
+    end; returns the step and what the resumed run printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TRAIN, *args],
+        cwd=REPO,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(logged) and os.path.getsize(logged):
+            break  # a step is logged: training is under way
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    step = int(re.fullmatch(r"interrupted at step (\d+); resume with: .*", last).group(1))
+    assert 1 <= step < NUM_CHECKPOINTS
+    assert str(step) in os.listdir(os.path.join(output_dir, "checkpoints"))
+    command = last.split("resume with: ", 1)[1]
+    assert command == shlex.join([sys.executable, "train.py", *args, "--config.resume=True"])
+    resumed = subprocess.run(
+        shlex.split(command), cwd=REPO, env=environ, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return step, resumed.stdout
 
 
 def outcome(output_dir: str) -> dict:
