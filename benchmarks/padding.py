@@ -30,7 +30,7 @@ from typing import Any
 
 import transformers
 
-from childtuning_trainer import loop, parallel, run_setup, steps
+from childtuning_trainer import held_flat, loop, parallel, run_setup, steps
 from childtuning_trainer.cli import config_files
 from childtuning_trainer.settings import Settings
 
@@ -113,7 +113,7 @@ class Contender:
 
     def evaluate(self) -> dict[str, float]:
         run = self.run
-        params = self.state.params
+        params = held_flat.tree_state(run.held, self.state, run.devices).params
         return steps.evaluate(run.eval_step(), params, run.data, run.devices, run.global_batch)
 
 

@@ -1,15 +1,14 @@
 """The sections of :mod:`benchmarks.gpu_step`: the step per mode and dtype against PyTorch, the
 update alone against the HBM limit, MFU, and the trainer's steady state.
 
-Ours is the trainer's chain (``optimizer_chain.make_optimizer``), flat where this checkout has the
-flat update (``make_optimizer(..., flat=True)``; :func:`flat_available`), and the trainer's step
-(``steps.make_train_step``). A time is seconds per step over ``steps`` steps dispatched back to
-back with one wait at the end, the median of ``repeats`` such runs.
+Ours is the trainer's chain and step (``steps.make_train_step``), per leaf, or flat on params held
+flat where this checkout has them (:mod:`benchmarks.our_chains`). A time is seconds per step
+over ``steps`` steps dispatched back to back with one wait at the end, the median of ``repeats``
+such runs.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from collections.abc import Callable
@@ -22,42 +21,14 @@ import numpy as np
 import optax
 
 from benchmarks import workloads
-from childtuning_trainer import device_feed, optimizer_chain, parallel, steps
+from benchmarks.our_chains import flat_available, held_available, make_tx, ours, uses_flat
+from childtuning_trainer import device_feed, held_flat, parallel, steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense peak FLOP/s by device kind (bfloat16, and float32 through TF32), from the vendors' sheets.
 PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12)}
 ADAM_BYTES_PER_PARAM = 28  # read grad, param, mu, nu; write param, mu, nu (float32)
 LOG_EVERY = 50  # the trainer section's fetch interval
-
-
-def flat_available() -> bool:
-    """Whether this checkout's trainer chain has the flat form (the flat-update change)."""
-    return "flat" in inspect.signature(optimizer_chain.make_optimizer).parameters
-
-
-def uses_flat(flat: bool | None) -> bool:
-    """``flat`` where available; ``None``: the trainer's default (flat on accelerators)."""
-    if not flat_available():
-        return False
-    if flat is None:
-        settings = optimizer_chain.OptimizerSettings()
-        default = getattr(optimizer_chain, "uses_flat_update", None)
-        return bool(default(settings)) if default else jax.default_backend() != "cpu"
-    return flat
-
-
-def make_tx(mode: str, params: Any, mask: Any, flat: bool) -> optax.GradientTransformation:
-    """The trainer's chain for ``mode`` (``benchmarks.workloads``' settings), flat or per leaf."""
-    if not flat:
-        return workloads.make_tx(mode, params, mask)
-
-    def child(layout):
-        key = jax.random.key(1)
-        kwargs = dict(reserve_p=workloads.RESERVE_P, key=key, mask=mask, layout=layout)
-        return optimizer_chain.child_transform(mode, **kwargs)
-
-    return optimizer_chain.make_optimizer(child, params, workloads.SETTINGS, flat=True)
 
 
 def torch_device() -> str | None:
@@ -118,13 +89,13 @@ class OursSteps:
         self.batch = jax.device_put(host_batch)
         self.model = workloads.JaxModel(self.config, dtype=dtype)
         mask = workloads.random_child_mask(self.model.params)
-        self.params = workloads.copy_tree(self.model.params)
         self.states, jobs = {}, {}
         key = jax.random.key(0)
         for mode in modes:
-            tx = make_tx(mode, self.model.params, mask, flat)
+            tx, layout, params = ours(mode, self.model.params, mask, flat)
+            self.params = workloads.copy_tree(params)  # its own buffers: the step donates them
             self.states[mode] = tx.init(self.params)
-            fn = workloads.make_train_step(self.model, tx)
+            fn = workloads.make_train_step(self.model, tx, layout)
             lowered = fn.lower(self.params, self.states[mode], self.batch, key)
             jobs[mode] = lowered.compile
             if mode == modes[0]:
@@ -153,6 +124,7 @@ def step_section(sizes: dict, *, flat: bool | None, torch_device: str | None, sm
     use_flat = uses_flat(flat)
     out: dict[str, Any] = {"batch_size": sizes["batch"], "seq_len": sizes["seq"]}
     out.update(shape=sizes["shape"].name, flat=use_flat, torch_device=torch_device)
+    out["params_held_flat"] = use_flat and held_available()
     for dtype_name, dtype in DTYPES.items():
         ours = OursSteps(
             sizes["shape"], sizes["batch"], sizes["seq"], dtype, workloads.MODES, use_flat
@@ -211,6 +183,8 @@ def update_section(sizes: dict, *, flat: bool | None) -> dict:
     if flat_available():
         contenders["chain D flat"] = (make_tx("D", params, mask, flat=True), params)
         contenders["chain vanilla flat"] = (make_tx("vanilla", params, mask, flat=True), params)
+    for mode in ("D", "vanilla") if held_available() else ():  # the trainer's flat form
+        contenders[f"chain {mode} held flat"] = ours(mode, params, mask, True)[::2]
 
     def update(tx):
         def step(p, state, g):
@@ -262,10 +236,10 @@ def mfu_section(sizes: dict, *, flat: bool | None) -> dict:
         for dtype_name, dtype in DTYPES.items():
             ours = OursSteps(shape, batch, seq, dtype, ("vanilla",), uses_flat(flat))
             seconds = ours.time("vanilla", sizes["steps"], sizes["repeats"])
-            num = sum(int(x.size) for x in jax.tree.leaves(ours.params))
+            num = sum(int(x.size) for x in jax.tree.leaves(ours.model.params))
             embed = sum(
                 int(x.size)
-                for path, x in jax.tree_util.tree_leaves_with_path(ours.params)
+                for path, x in jax.tree_util.tree_leaves_with_path(ours.model.params)
                 if "embeddings" in jax.tree_util.keystr(path)
             )
             flops = model_flops(shape, num, embed, batch, seq)
@@ -295,12 +269,13 @@ def trainer_section(sizes: dict, *, flat: bool | None) -> dict:
     for kind in parallel.PARALLELISMS:
         layout = parallel.select_devices(1, kind)
         for mode in ("vanilla", "D"):
-            tx = make_tx(mode, model.params, mask, uses_flat(flat))
+            tx, held, params = ours(mode, model.params, mask, uses_flat(flat))
+            objective = held_flat.objective(held, model.objective)
             step = parallel.map_train_step(
-                steps.make_train_step(model.objective, tx, dropout=True), layout
+                steps.make_train_step(objective, tx, dropout=True), layout
             )
-            host_state = steps.TrainState(jnp.zeros((), jnp.int32), model.params, None)
-            state = parallel.replicate(host_state._replace(opt_state=tx.init(model.params)), layout)
+            host_state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+            state = parallel.replicate(host_state, layout)
             key = jax.random.key(0)
             for fetch_every in (LOG_EVERY, 1):
                 pending = device_feed.PendingMetrics()

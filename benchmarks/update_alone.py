@@ -10,7 +10,8 @@ round, one mode at a time (medians):
   params and gradients still trees (the trainer's form: gradients and params concatenated into
   the buffers, updates sliced back per leaf);
 * ``held flat``: params and gradients already flat buffers (``FlatLayout.flatten``) and the
-  inner chain alone, the form for a training loop that holds its params flat.
+  inner chain alone (``make_optimizer(held=True)``), the trainer's form with the flat chain
+  (:mod:`childtuning_trainer.held_flat`).
 
 The limit: an update reads gradients, params, mu and nu and writes params, mu and nu, 28 bytes
 per float32 parameter (D reads 1/8 byte of mask bits more), so it cannot take less than
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common, optimizer_update, records, workloads
-from childtuning_jax import fisher_mask, flat_layout
+from childtuning_jax import fisher_mask
 from childtuning_trainer import optimizer_chain
 
 H200_BANDWIDTH = 4.3e12  # bytes per second
@@ -61,20 +62,11 @@ def _child(mode: str, mask: Any) -> Callable:
 
 
 def _held_flat(mode: str, params: Any, mask: Any) -> tuple[optax.GradientTransformation, Any]:
-    """The flat chain without its wrapper, and the layout its buffers follow."""
-    s = workloads.SETTINGS
-    decay = optimizer_chain.decay_mask(params)
-    layout = flat_layout(params, split_by=[decay])
-    adamw = optax.adamw(
-        s.learning_rate,
-        b1=s.b1,
-        b2=s.b2,
-        eps=s.eps,
-        weight_decay=s.weight_decay,
-        mask=layout.buffer_flags(decay),
+    """The trainer's chain for params held flat (``make_optimizer(held=True)``: the flat chain
+    without its wrapper), and the layout its buffers follow."""
+    return optimizer_chain.make_optimizer(
+        _child(mode, mask), params, workloads.SETTINGS, flat=True, held=True
     )
-    clip = optax.clip_by_global_norm(s.max_grad_norm)
-    return optax.chain(clip, _child(mode, mask)(layout), adamw), layout
 
 
 def _contender(tx: optax.GradientTransformation, params: Any, grads: Any) -> Callable[[], None]:

@@ -20,9 +20,9 @@ import transformers
 from flax import nnx
 
 from benchmarks import common
-from childtuning_jax import fisher_mask, leaf_names
+from childtuning_jax import FlatLayout, fisher_mask, leaf_names
 from childtuning_jax.models import from_config
-from childtuning_trainer import optimizer_chain, steps
+from childtuning_trainer import held_flat, optimizer_chain, steps
 from childtuning_trainer.objective import Model, make_objective
 
 MODES = optimizer_chain.MODES
@@ -123,11 +123,13 @@ def make_tx(mode: str, params: Any, mask: Any = None) -> optax.GradientTransform
 
 
 def make_train_step(
-    model: JaxModel, tx: optax.GradientTransformation
+    model: JaxModel, tx: optax.GradientTransformation, layout: FlatLayout | None = None
 ) -> Callable[[Any, Any, Batch, jax.Array], tuple[Any, Any, jax.Array]]:
     """Jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``: the trainer's
-    step on one device, with params and optimizer state donated (updated in place)."""
-    trainer_step = steps.make_train_step(model.objective, tx, dropout=True, axis_name=None)
+    step on one device, with params and optimizer state donated (updated in place); with
+    ``layout``, on params held flat (:mod:`childtuning_trainer.held_flat`)."""
+    objective = held_flat.objective(layout, model.objective)
+    trainer_step = steps.make_train_step(objective, tx, dropout=True, axis_name=None)
 
     def step(params, opt_state, batch, rng):
         batch = {**batch, "weights": jnp.ones(batch["labels"].shape, jnp.float32)}

@@ -20,7 +20,8 @@ parameter. The official recipe's order is::
 :func:`flat_update` runs such a chain on a few contiguous buffers (one per dtype and group of
 per-leaf flags, built by :func:`flat_layout`) instead of one loop per leaf, with the same results:
 :func:`flat_child_tuning_f` and :func:`flat_child_tuning_d` are F and D in that view, and
-:meth:`FlatLayout.buffer_flags` turns per-leaf masks (weight decay, anchors) into per-buffer ones.
+:meth:`FlatLayout.buffer_flags` turns per-leaf masks (weight decay, anchors) into per-buffer ones,
+and :meth:`FlatLayout.view` lets a training loop hold its params as the buffers.
 """
 
 from childtuning_jax.fisher import fisher_information, fisher_mean, fisher_step

@@ -25,10 +25,21 @@ their anchor as flat buffers too. Usage::
       flat_child_tuning_d(layout, mask),        # or flat_child_tuning_f(layout, p, key)
       optax.adamw(lr, weight_decay=0.01, mask=layout.buffer_flags(decay_mask)),
   ))
+
+The wrapper still concatenates params and gradients and slices the updates every step. A training
+loop that holds its params flat does neither: it runs the inner chain on the buffers and the model
+on :meth:`FlatLayout.view`, whose gradient is flat::
+
+  flat = layout.flatten(params)
+  tx = optax.chain(clip, flat_child_tuning_d(layout, mask), adamw)  # the inner chain alone
+  grads = jax.grad(lambda flat: loss(layout.view(flat), batch))(flat)
+  updates, state = tx.update(grads, state, flat)
+  flat = optax.apply_updates(flat, updates)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -99,21 +110,35 @@ class FlatLayout:
 
     def flatten(self, tree: Any) -> dict[str, jax.Array]:
         """``tree`` (the params' leaves, in order and shape) as ``{buffer key: 1-D array}``."""
-        leaves = self._checked_leaves(tree)
+        return self._buffers(self._checked_leaves(tree))
+
+    def unflatten(self, flat: dict[str, jax.Array], like: Any = None) -> Any:
+        """The inverse of :meth:`flatten`, in ``like``'s tree structure (default: the params')."""
+        treedef = self.treedef if like is None else jax.tree.structure(like)
+        return jax.tree.unflatten(treedef, self._leaves(flat))
+
+    def view(self, flat: dict[str, jax.Array]) -> Any:
+        """The params tree of the buffers ``flat`` (as :meth:`unflatten`), for a model to run on
+        params held flat: differentiable, the gradient of each buffer one concatenate of its
+        leaves' gradients, so ``jax.grad(lambda flat: loss(layout.view(flat)))(flat)`` is flat.
+
+        (The default transpose of :meth:`unflatten`'s slices pads every leaf's gradient to its
+        buffer's size and sums them.)
+        """
+        return jax.tree.unflatten(self.treedef, _leaf_view(self, flat))
+
+    def _buffers(self, leaves: Sequence[Any]) -> dict[str, jax.Array]:
         out = {}
         for key, members in self.members.items():
             parts = [jnp.ravel(leaves[i]) for i in members]
             out[key] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         return out
 
-    def unflatten(self, flat: dict[str, jax.Array], like: Any = None) -> Any:
-        """The inverse of :meth:`flatten`, in ``like``'s tree structure (default: the params')."""
-        leaves = [
+    def _leaves(self, flat: dict[str, jax.Array]) -> list[jax.Array]:
+        return [
             jax.lax.slice(flat[key], (start,), (start + size,)).reshape(shape)
             for (key, start, size), shape in zip(self.slots, self.shapes, strict=True)
         ]
-        treedef = self.treedef if like is None else jax.tree.structure(like)
-        return jax.tree.unflatten(treedef, leaves)
 
     def buffer_flags(self, flags: Any) -> dict[str, bool]:
         """A per-leaf flag tree (a bool, or an all-True / all-False array, per leaf) as one bool
@@ -159,6 +184,23 @@ class FlatLayout:
                     f"leaf '{name}' has shape {leaf_shape(leaf)} but the layout's is {shape}"
                 )
         return leaves
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _leaf_view(layout: FlatLayout, flat: dict[str, jax.Array]) -> list[jax.Array]:
+    return layout._leaves(flat)
+
+
+def _leaf_view_fwd(layout: FlatLayout, flat: dict[str, jax.Array]) -> tuple[list, None]:
+    return layout._leaves(flat), None
+
+
+def _leaf_view_bwd(layout: FlatLayout, residual: None, leaf_cotangents: list) -> tuple[dict]:
+    del residual
+    return (layout._buffers(leaf_cotangents),)
+
+
+_leaf_view.defvjp(_leaf_view_fwd, _leaf_view_bwd)
 
 
 def flat_layout(params: Any, split_by: Sequence[Any] = ()) -> FlatLayout:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -29,6 +28,7 @@ from childtuning_trainer import (
     extra_eval,
     final_outputs,
     group_loop,
+    held_flat,
     mask_rules,
     optimizer_chain,
     outputs,
@@ -61,10 +61,10 @@ def initial_state(run: Run) -> tuple[TrainState, optax.GradientTransformation, P
         if run.settings.child_tuning.prune:  # the pruning ablation: the child network alone
             params = mask_rules.prune(params, mask)
     progress.flat_update = optimizer_chain.uses_flat_update(run.settings.optimizer)
-    tx = optimizer_chain.run_optimizer(
+    tx, run.held = held_flat.run_optimizer(
         run.settings, params, run.schedule, mask=mask, flat=progress.flat_update
     )
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx, progress
+    return held_flat.initial_state(run.held, params, tx), tx, progress
 
 
 def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progress] | None:
@@ -72,22 +72,22 @@ def restore(run: Run) -> tuple[TrainState, optax.GradientTransformation, Progres
     one (an unreadable newer one is set aside with a warning)."""
     params = run.params
 
-    def optimizer(meta: dict, flat: bool) -> optax.GradientTransformation:
+    def optimizer(meta: dict, flat: bool) -> tuple[optax.GradientTransformation, Any]:
         mask = template_child_mask(params, meta.get("d_mask_uniform_leaves", []))
-        return optimizer_chain.run_optimizer(
-            run.settings, params, run.schedule, mask=mask, flat=flat
-        )
+        return held_flat.run_optimizer(run.settings, params, run.schedule, mask=mask, flat=flat)
 
     def template(meta: dict) -> TrainState:
-        # The chain (flat or per leaf) the checkpoint's optimizer state was written with.
-        tx = optimizer(meta, bool(meta.get("flat_update", False)))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        # The chain (flat or per leaf) the checkpoint's optimizer state was written with; the
+        # params as the tree, as checkpoints hold them.
+        tx, layout = optimizer(meta, bool(meta.get("flat_update", False)))
+        return held_flat.initial_state(layout, params, tx)._replace(params=params)
 
     restored = checkpoints.restore_newest_readable(run.manager, template)
     if restored is None:
         return None
     state, meta = restored
-    tx = optimizer(meta, checkpoints.saved_flat_update(run.settings, meta))
+    tx, run.held = optimizer(meta, checkpoints.saved_flat_update(run.settings, meta))
+    state = held_flat.hold(run.held, state)
     checkpoints.check_resumable(run.settings, meta, run.global_batch)
     progress = Progress.from_json(meta)
     print(f"Resuming from step {progress.step} in {run.settings.outputs.output_dir}")
@@ -151,11 +151,13 @@ def train_loop(
 ) -> TrainState | None:
     """Trains from ``progress.step`` to the end, evaluating and checkpointing on the way.
 
-    ``state`` is replicated over the devices; ``progress`` is updated in place; ``on_evaluation``
-    is called after each evaluation. Returns the final state, or ``None`` if ``stop_after_steps``
-    or a signal (``stop``, after a checkpoint) stopped the run.
+    ``state`` is replicated over the devices (its params held flat with ``run.held``);
+    ``progress`` is updated in place; ``on_evaluation`` is called after each evaluation. Returns
+    the final state (params as the tree), or ``None`` if ``stop_after_steps`` or a signal
+    (``stop``, after a checkpoint) stopped the run.
     """
     outs, mode = run.settings.outputs, run.settings.child_tuning.mode
+    as_tree = lambda state: held_flat.tree_state(run.held, state, run.devices)
     stop = stop or StopRequest(outs.log_every_steps)
     p_train_step, p_eval_step = run.train_step(tx), run.eval_step()
     log = outputs.TrainingLog(
@@ -192,23 +194,25 @@ def train_loop(
                 return None
             if stopping or checkpoint:
                 clock.lap()
-                save_checkpoint(run, state, progress, log.interval_losses)
+                save_checkpoint(run, as_tree(state), progress, log.interval_losses)
             if stopping:  # a signal: stop after this step's checkpoint
                 log.close()
                 return None
         progress.epoch_train_time_s.append(clock.lap())
+        tree = as_tree(state)
         if outs.eval_every_epoch or progress.step == run.total_steps:
-            metrics = evaluate_epoch(run, p_eval_step, state, progress, epoch)
+            metrics = evaluate_epoch(run, p_eval_step, tree, progress, epoch)
             log.evaluation(progress.step, epoch + 1, metrics)
             if on_evaluation is not None:
-                on_evaluation(state, progress)
-        save_checkpoint(run, state, progress, log.interval_losses)
+                on_evaluation(tree, progress)
+        save_checkpoint(run, tree, progress, log.interval_losses)
+        del tree
         if progress.step < run.total_steps and stop.requested(progress.step, agree=True):
             log.close()
             return None
         log.restart(progress.step)  # the next interval does not count evaluation
     log.close()
-    return state
+    return as_tree(state)
 
 
 best_epoch = task_metrics.best_epoch  # the epoch with the highest first metric of the task

@@ -165,9 +165,7 @@ class OptimizerSettings:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     warmup_ratio: float = 0.1  # the schedule's warm-up share (:func:`learning_rate_schedule`)
-    flat_update: bool | None = (
-        None  # the flat chain; None: on GPU and TPU (:func:`uses_flat_update`)
-    )
+    flat_update: bool | None = None  # the flat chain; None: on accelerators (uses_flat_update)
 
 
 def uses_flat_update(settings: OptimizerSettings) -> bool:
@@ -270,11 +268,14 @@ def make_optimizer(
     regularizer: Regularizer | None = None,
     *,
     flat: bool = False,
-) -> optax.GradientTransformation:
+    held: bool = False,
+) -> Any:
     """``clip -> child -> AdamW`` with weight decay off biases and LayerNorm, and the pieces of
     ``regularizer`` (see the module docstring); ``params`` are read for names and shapes only.
     ``child``: the Child-Tuning transform, or a function of the flat layout (``None``: per leaf)
-    returning it; ``flat``: the flat chain (a transform ``child`` runs in ``in_leaf_view``)."""
+    returning it; ``flat``: the flat chain (a transform ``child`` runs in ``in_leaf_view``);
+    ``held`` (with ``flat``, not Mixout): ``(chain, layout)``, the chain on params held as
+    ``layout.flatten(params)`` (:mod:`childtuning_trainer.held_flat`), without the wrapper."""
     if settings.optimizer not in OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {settings.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}."
@@ -317,10 +318,10 @@ def make_optimizer(
             anchored_at_init(lambda pre: decay_to_pretrained(pre, coefficient, mask=anchor_mask))
         )
     if layout is not None:  # Mixout's anchor stays a tree: the train step hands it to the model
-        chain = [flat_update(layout, optax.chain(*chain))]
+        chain = [optax.chain(*chain) if held else flat_update(layout, optax.chain(*chain))]
     if reg.name == "mixout":
         chain.append(hold_anchor())
-    return optax.chain(*chain)
+    return (optax.chain(*chain), layout) if held else optax.chain(*chain)
 
 
 def run_optimizer(
@@ -330,10 +331,12 @@ def run_optimizer(
     *,
     mask: Any = None,
     flat: bool | None = None,
-) -> optax.GradientTransformation:
+    held: bool = False,
+) -> Any:
     """The trainer's chain for the run's mode and regulariser (``learning_rate``: the schedule;
     ``mask``: ChildTuning-D's child network; ``params``: the initial params, the regularisers'
-    anchor; ``flat``: the flat chain, default :func:`uses_flat_update`)."""
+    anchor; ``flat``: the flat chain, default :func:`uses_flat_update`; ``held``: see
+    :func:`make_optimizer`)."""
     key = jax.random.fold_in(jax.random.key(settings.seed), 1)
     ct = settings.child_tuning
 
@@ -342,4 +345,4 @@ def run_optimizer(
 
     optimizer = dataclasses.replace(settings.optimizer, learning_rate=learning_rate)
     flat = uses_flat_update(settings.optimizer) if flat is None else flat
-    return make_optimizer(child, params, optimizer, settings.regularizer, flat=flat)
+    return make_optimizer(child, params, optimizer, settings.regularizer, flat=flat, held=held)

@@ -18,11 +18,13 @@ import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
 
+from childtuning_jax import FlatLayout
 from childtuning_jax.models import from_pretrained
 from childtuning_trainer import (
     checkpoints,
     distributed,
     extra_eval,
+    held_flat,
     input_pipeline,
     model_check,
     optimizer_chain,
@@ -68,6 +70,7 @@ class Run:
     total_steps: int
     schedule: optax.Schedule
     extra_sets: list[extra_eval.ExtraSet] = dataclasses.field(default_factory=list)
+    held: FlatLayout | None = None  # the layout the train state holds the params in (held_flat)
 
     @property
     def task(self) -> Task:
@@ -97,10 +100,11 @@ class Run:
         )
 
     def train_step(self, tx: optax.GradientTransformation) -> Callable:
-        """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``."""
+        """The train step mapped over the devices: ``(state, batch, rng) -> (state, metrics)``,
+        on params held flat with :attr:`held` (set with the optimizer, ``loop.initial_state``)."""
         step = regularization.make_train_step(
             self.settings.regularizer,
-            self.train_objective,
+            held_flat.objective(self.held, self.train_objective),
             tx,
             self.settings.model.has_dropout,
         )

@@ -233,7 +233,7 @@ def _losses(out):
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
-@pytest.mark.slow  # three short runs per mode
+@pytest.mark.slow  # four short runs per mode (with the flat chain, the params are held flat)
 @pytest.mark.needs_glue
 @pytest.mark.parametrize("mode", ["F", "D"])
 def test_short_run_gives_the_same_losses_flat_and_per_leaf(
@@ -244,6 +244,7 @@ def test_short_run_gives_the_same_losses_flat_and_per_leaf(
         "per-leaf": (False, ONE_DEVICE),
         "flat": (True, ONE_DEVICE),
         "flat, pmap x2": (True, dict(num_devices=2, per_device_batch_size=2, parallelism="pmap")),
+        "flat, jit x2": (True, dict(num_devices=2, per_device_batch_size=2, parallelism="jit")),
     }
     losses = {}
     for name, (flat, layout) in runs.items():
@@ -257,6 +258,7 @@ def test_short_run_gives_the_same_losses_flat_and_per_leaf(
     np.testing.assert_allclose(losses["flat"], losses["per-leaf"], rtol=1e-6)
     # Two devices sum the batch in another order: float rounding only.
     np.testing.assert_allclose(losses["flat, pmap x2"], losses["per-leaf"], rtol=1e-5)
+    np.testing.assert_allclose(losses["flat, jit x2"], losses["flat, pmap x2"], rtol=1e-6)
 
 
 @pytest.mark.slow  # five short runs

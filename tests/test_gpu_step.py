@@ -33,8 +33,27 @@ def test_smoke_run_records_every_section(tmp_path):
     update = results["update"]
     assert update["hbm_limit_s"] > 0 and "chain D per leaf" in update["times_s"]
     assert ("chain D flat" in update["times_s"]) == step_parts.flat_available()
+    assert ("chain D held flat" in update["times_s"]) == step_parts.held_available()
     assert all(row["step_s"] > 0 for row in results["mfu"].values() if isinstance(row, dict))
     assert len([k for k in results["trainer"] if "fetch every" in k]) == 8
+
+
+@pytest.mark.slow  # about 10 tiny compiles
+def test_smoke_run_with_the_flat_chain_times_params_held_flat(tmp_path, monkeypatch):
+    held, ours = [], step_parts.ours
+
+    def spy(mode, *args):
+        tx, layout, params = ours(mode, *args)
+        held.append((mode, layout is not None))
+        return tx, layout, params
+
+    monkeypatch.setattr(step_parts, "ours", spy)
+    argv = ["--smoke", "--out", str(tmp_path), "--flat", "on", "--only", "mfu,trainer"]
+    assert gpu_step.main([*argv, "--budget-s", "1200"]) == 0
+    assert set(held) == {("vanilla", True), ("D", True)}  # the trainer's form: params held flat
+    results = _record(tmp_path)["results"]
+    assert all(row["step_s"] > 0 for row in results["mfu"].values() if isinstance(row, dict))
+    assert all(t > 0 for k, t in results["trainer"].items() if "fetch every" in k)
 
 
 def test_time_box_skips_and_writes(tmp_path):
