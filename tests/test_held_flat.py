@@ -301,3 +301,29 @@ def test_checkpoints_resume_across_held_and_wrapped_params(
         np.testing.assert_allclose(_losses(out), _losses(reference), rtol=1e-6)
         assert results["eval"] == pytest.approx(ref_results["eval"], rel=1e-6)
         _assert_close_trees(params, ref_params, rtol=1e-6)
+
+
+@pytest.mark.slow  # two short runs of two epochs
+@pytest.mark.needs_glue
+def test_held_run_saves_the_best_model_and_predictions_as_a_per_leaf_run(
+    tiny_checkpoint, run_config, tmp_path
+):
+    """Evaluation, save_best's model/ and the predictions see the params as the tree."""
+    from childtuning_trainer import saved_model
+
+    model = tiny_checkpoint()
+    common = dict(mode="D", save_best=True, **{**RUN, "num_train_epochs": 2}, **ONE_DEVICE)
+    outs = {flat: tmp_path / f"flat_{flat}" for flat in (False, True)}
+    results = {
+        flat: loop.train_and_evaluate(run_config(model, out, flat_update=flat, **common))
+        for flat, out in outs.items()
+    }
+    (per_leaf, per_leaf_params), (held, held_params) = results[False], results[True]
+    saved_record, expected_record = dict(held["saved_model"]), dict(per_leaf["saved_model"])
+    assert saved_record.pop("value") == pytest.approx(expected_record.pop("value"), rel=1e-6)
+    assert saved_record == expected_record  # the same epoch saved
+    assert held["history"][-1]["eval"] == pytest.approx(per_leaf["history"][-1]["eval"], rel=1e-6)
+    _assert_close_trees(held_params, per_leaf_params, rtol=2e-5)
+    saved = saved_model.load_params(str(outs[True]), held_params)
+    _assert_close_trees(saved, saved_model.load_params(str(outs[False]), held_params), rtol=2e-5)
+    assert held["predictions"] == per_leaf["predictions"]
