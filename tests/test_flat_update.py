@@ -106,8 +106,17 @@ def _chains(params, mode, with_decay, optimizer):
     return per_leaf, flat
 
 
-@pytest.mark.parametrize("optimizer", ["hf_adamw", "adamw"])
-@pytest.mark.parametrize("with_decay", [True, False])
+# `make test`: the trainer's hf_adamw with and without the decay mask, optax.adamw with it;
+# `make test-slow` adds optax.adamw without it.
+@pytest.mark.parametrize(
+    "optimizer, with_decay",
+    [
+        ("hf_adamw", True),
+        ("hf_adamw", False),
+        ("adamw", True),
+        pytest.param("adamw", False, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
 def test_flat_chain_follows_the_per_leaf_chain_for_20_steps(params, mode, with_decay, optimizer):
     per_leaf, flat = _chains(params, mode, with_decay, optimizer)
@@ -186,8 +195,15 @@ REGULARIZERS = [
 ]
 
 
-@pytest.mark.parametrize("reg", REGULARIZERS, ids=lambda r: f"{r.name}-{r.decay_form}")
-@pytest.mark.parametrize("mode", ["F", "D"])
+def _mode_and_regularizer():
+    """D with every regulariser, F alone in `make test`; F with each regulariser in test-slow."""
+    for mode in ("F", "D"):
+        for reg in REGULARIZERS:
+            marks = pytest.mark.slow if mode == "F" and reg.name != "none" else ()
+            yield pytest.param(mode, reg, marks=marks, id=f"{mode}-{reg.name}-{reg.decay_form}")
+
+
+@pytest.mark.parametrize("mode, reg", list(_mode_and_regularizer()))
 def test_trainer_chain_is_the_same_flat_and_per_leaf(params, mode, reg):
     settings = optimizer_chain.OptimizerSettings(learning_rate=1e-2, weight_decay=0.1)
     mask = _random_mask(params)
