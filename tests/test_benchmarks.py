@@ -73,6 +73,7 @@ def test_smoke_suite_runs_every_benchmark_and_records_it(tmp_path):
     assert (tmp_path / "mask_selection_smoke.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_gpu_profile_writes_the_same_json_and_keeps_its_time_box(tmp_path):
     fast = ["--smoke", "--no-plots", "--out", str(tmp_path / "fast")]
     assert gpu_profile.main(fast + ["--only", "mask_selection,optimizer_update"]) == 0

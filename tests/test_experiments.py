@@ -599,6 +599,7 @@ def test_a_run_locked_by_another_sweep_is_left_to_it(tmp_path, capsys):
 
 
 @pytest.mark.needs_glue
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_sweep_runs_once_saves_the_model_and_the_probe_uses_it(tmp_path, glue_dir, tiny_checkpoint):
     model = tiny_checkpoint()
     spec = RunSpec.of(
@@ -711,6 +712,7 @@ def test_linear_head_learns_separable_features():
     assert accuracy > 0.95
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_cpu_worker_runs_the_queue_lines_in_order(tmp_path):
     """tools/queue/cpu/worker.sh: every command line of the queue, in order, on the core given;
     comments and blank lines skipped; with COMMIT=1 each sweep commits its block."""

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import childtuning_trainer
 from childtuning_trainer import fisher_cache
@@ -61,6 +62,7 @@ def test_files_round_trip_exactly_and_leave_no_temporary(tmp_path):
     assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_source_digest_covers_training_code_only():
     root = pathlib.Path(childtuning_trainer.__file__).parent
     assert (root / "experiments" / "protocol_reports.py").exists() and (

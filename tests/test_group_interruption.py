@@ -109,7 +109,7 @@ def assert_same_outcomes(got: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+    "signum", [pytest.param(s, marks=pytest.mark.slow) for s in (signal.SIGTERM, signal.SIGINT)]
 )
 def test_a_signal_checkpoints_the_group_and_resume_ends_as_uninterrupted(
     reference, workdir, make_config, monkeypatch, capsys, signum

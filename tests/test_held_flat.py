@@ -184,9 +184,9 @@ def _assert_close_trees(got, expected, rtol):
 
 # Each mode and each weight decay in the quick suite; the other three under -m slow.
 SLOW = pytest.mark.slow
-CASES = [
-    ("vanilla", 0.1),
-    ("F", 0.0),
+CASES = [  # D with decay in make test (the 12-minute budget), the others in make test-slow
+    pytest.param("vanilla", 0.1, marks=SLOW),
+    pytest.param("F", 0.0, marks=SLOW),
     ("D", 0.1),
     pytest.param("vanilla", 0.0, marks=SLOW),
     pytest.param("F", 0.1, marks=SLOW),

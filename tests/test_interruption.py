@@ -85,7 +85,7 @@ def test_ctrl_c_in_this_process_checkpoints_and_the_run_resumes(
 ):
     """SIGINT (Ctrl-C) during ``train_and_evaluate``: the step finishes, a checkpoint is written,
     :class:`~childtuning_trainer.interruption.Interrupted` says where (exit status 130), Python's
-    own handler is back afterwards, and resuming ends as the uninterrupted run."""
+    handler before the run is back afterwards, and resuming ends as the uninterrupted run."""
     steps = outputs.TrainingLog.steps
 
     def slow_steps(self, losses, *args):  # a signal sent after the first logged step lands mid-run
@@ -96,13 +96,14 @@ def test_ctrl_c_in_this_process_checkpoints_and_the_run_resumes(
         return steps(self, losses, *args)
 
     monkeypatch.setattr(outputs.TrainingLog, "steps", slow_steps)
+    before = signal.getsignal(signal.SIGINT)  # (an xdist worker ignores SIGINT)
     out = tmp_path / "run"
     with pytest.raises(interruption.Interrupted) as stopped:
         loop.train_and_evaluate(make_config(tiny_model, out))
     assert stopped.value.signum == signal.SIGINT and stopped.value.exit_status == 130
     step = stopped.value.step
     assert 1 <= step < 6 and str(step) in os.listdir(out / "checkpoints")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before  # the handler before the run is back
     monkeypatch.undo()
     loop.train_and_evaluate(make_config(tiny_model, out, resume=True))
     assert same_outcome(outcome(str(out)), reference)

@@ -61,7 +61,8 @@ def _resume(make_config, tiny_model, out, capsys):
     return printed
 
 
-@pytest.mark.parametrize("how", ["random", "in_write"])
+# in_write (a kill inside a checkpoint write) in make test-slow: the 12-minute budget.
+@pytest.mark.parametrize("how", ["random", pytest.param("in_write", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_bit_exact(reference, workdir, tiny_model, make_config, capsys, how):
     expected, span = reference
     rng = random.Random(os.environ.get("CT_KILL_SEED", "0") + how)

@@ -58,9 +58,10 @@ def one_process(workdir, tiny_model, make_config):
     """``one_process(mode, parallelism)``: a run in this process on its four devices."""
 
     @functools.cache
-    def run(mode, parallelism):
-        out = workdir / f"one_{mode}_{parallelism}"
+    def run(mode, parallelism, flat=False):
+        out = workdir / f"one_{mode}_{parallelism}{'_flat' if flat else ''}"
         config = make_config(tiny_model, out, mode=mode, parallelism=parallelism)
+        config.flat_update = flat or None  # None: the default (per leaf on the CPU)
         return loop.train_and_evaluate(config)
 
     return run
@@ -117,6 +118,32 @@ def test_two_processes_train_as_one(one_process, workdir, tiny_model, make_confi
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         one_lines = (workdir / f"one_{mode}_pmap" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in lines] == [json.loads(x)["step"] for x in one_lines]
+
+
+@pytest.mark.needs_glue
+@pytest.mark.slow  # two processes over gloo: about two minutes
+def test_two_processes_hold_flat_params_as_one(one_process, workdir, tiny_model, make_config):
+    """The flat chain with params held flat (the accelerators' default), F with pmap and D with
+    jit: 2 processes x 2 devices end as 1 process x 4 devices with the same chain."""
+    out = workdir / "two_flat"
+    runs = ["F:pmap:flat", "D:jit:flat"]
+    config = make_config(tiny_model, out)
+    flags = [f"--config.{k}={v}" for k, v in config.items() if k in _FLAGS]
+    command = [
+        sys.executable, "launch.py", "--num_processes=2", "--devices_per_process=2",
+        f"--logs={workdir / 'logs_flat'}", "--script=tools/multihost_worker.py", "--",
+        "--config=childtuning_trainer/configs/glue.py", *flags, f"--runs={','.join(runs)}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in runs:
+        mode, parallelism, _ = run.split(":")
+        run_dir = out / f"{mode}_{parallelism}_flat"
+        results = json.loads((run_dir / "results.json").read_text())
+        reference = one_process(mode, parallelism, flat=True)
+        params = _pure(saved_model.load_params(str(run_dir), reference[1]))
+        _assert_same_training((results, params), (reference[0], _pure(reference[1])))
+        assert results["config"]["flat_update"] is True and results["num_devices"] == 4
 
 
 _FLAGS = (

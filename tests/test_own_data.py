@@ -179,7 +179,8 @@ def tiny_model(tiny_checkpoint):
     return tiny_checkpoint()
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+# JSON lines (regression) in make test-slow: the 12-minute budget of make test.
+@pytest.mark.parametrize("fmt", ["csv", pytest.param("jsonl", marks=pytest.mark.slow)])
 def test_a_tiny_model_trains_on_your_own_files(files, fmt, tiny_model, tmp_path, base_config):
     """CSV: three-way classification; JSON lines: regression on a pair of texts."""
     regression = fmt == "jsonl"

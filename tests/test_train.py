@@ -85,8 +85,10 @@ def initial_params(base_config):
     return _initial_params
 
 
-# F and D in `make test`; vanilla (the same step without a mask) in `make test-slow`.
-@pytest.mark.parametrize("mode", [pytest.param("vanilla", marks=pytest.mark.slow), "F", "D"])
+# D in `make test` (Fisher pass, mask and training); vanilla and F in `make test-slow`.
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("vanilla", "F")] + ["D"]
+)
 def test_end_to_end_same_result_on_one_and_four_devices(run, tiny_model, initial_params, mode):
     one, params_one, out = run(mode, 1)
     four, params_four, _ = run(mode, 4)
@@ -191,6 +193,7 @@ def test_resume_after_a_kill_is_bit_exact(run, tiny_model, workdir, make_config,
         assert f.read() == g.read()
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_fisher_cache_shares_a_pass_between_runs(tiny_model, workdir, make_config):
     """A D run stores its Fisher pass; a run with the same inputs (another regulariser) loads it
     and trains exactly as a run that computes it; other inputs compute their own."""
@@ -313,6 +316,7 @@ def test_command_line_reports_bad_input(tiny_model, tmp_path):
     )
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_bucketed_padding_trains_like_max_length_padding(tiny_model, workdir, make_config):
     """CoLA's short sentences fall into the 8- and 16-token buckets of a 32-token maximum; only
     padding is removed, so training and metrics agree with padding every batch to 32."""
@@ -373,6 +377,7 @@ def test_tensorboard_scalars_are_written(run):
     np.testing.assert_allclose(accuracy, expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_bfloat16_compute_trains_close_to_float32(tiny_model, workdir, make_config, initial_params):
     """bfloat16 compute, float32 params: the loss falls, the metrics stay near float32's, and the
     D mask from a bfloat16 Fisher pass mostly overlaps the float32 one."""

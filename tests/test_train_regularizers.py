@@ -378,7 +378,9 @@ def test_every_regularizer_trains_with_every_mode(tiny_model, tmp_path, make_con
 
 
 @pytest.mark.needs_glue
-@pytest.mark.parametrize("name, mode", [("mixout", "F"), ("recadam", "D")])
+@pytest.mark.parametrize(
+    "name, mode", [pytest.param("mixout", "F", marks=pytest.mark.slow), ("recadam", "D")]
+)
 def test_resume_with_an_anchor_is_bit_exact(tiny_model, tmp_path, make_config, name, mode):
     """Two steps in one go, or a kill after step 2 (before its checkpoint) and a resume from step
     1: the same parameters bit for bit (the anchor comes back from the checkpoint's optimizer

@@ -329,6 +329,7 @@ def test_objective_is_the_per_example_task_loss():
     np.testing.assert_allclose(squared, [1.0, 0.0])
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_step_without_an_axis_equals_the_mapped_step_on_one_device():
     model, params = tiny_model()
     objective = make_objective(model, regression=False)
@@ -412,6 +413,7 @@ def test_resume_is_refused_when_a_setting_differs(base_config):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-slow: the 12-minute budget of make test
 def test_command_line_prints_one_error_line_without_data(tmp_path):
     """No GLUE folder and no network: one ``error:`` line, exit status 1, no traceback."""
     command = [

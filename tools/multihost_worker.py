@@ -24,7 +24,9 @@ from childtuning_trainer.cli import config_files
 _CONFIG = config_flags.DEFINE_config_file(
     "config", config_files.config_path(config_files.DEFAULT), "Base configuration (a file)."
 )
-_RUNS = flags.DEFINE_list("runs", ["D:pmap"], "mode:parallelism pairs, run in turn.")
+_RUNS = flags.DEFINE_list(
+    "runs", ["D:pmap"], "mode:parallelism pairs (mode:parallelism:flat: the flat chain), in turn."
+)
 
 
 def digest(params) -> str:
@@ -38,10 +40,13 @@ def main(argv: list[str]) -> None:
     del argv
     base = _CONFIG.value
     for run in _RUNS.value:
-        mode, parallelism = run.split(":")
+        mode, parallelism, *flat = run.split(":")
         config = base.copy_and_resolve_references()
         config.mode, config.parallelism = mode, parallelism
-        config.output_dir = os.path.join(base.output_dir, f"{mode}_{parallelism}")
+        if flat:  # params held flat, as on an accelerator
+            config.flat_update = True
+        name = "_".join([mode, parallelism, *flat])
+        config.output_dir = os.path.join(base.output_dir, name)
         _, params = loop.train_and_evaluate(config)
         path = os.path.join(config.output_dir, f"digest_{jax.process_index()}.json")
         with open(path, "w") as f:
