@@ -23,7 +23,6 @@ from childtuning_jax import (
     flat_update,
     hf_adamw,
     in_leaf_view,
-    map_with_name,
 )
 from childtuning_trainer import checkpoints, loop, optimizer_chain, regularization
 from childtuning_trainer.settings import Settings
@@ -54,18 +53,6 @@ def _grads(params, step):
     return _all_grads(treedef, tuple(p.shape for p in leaves))[step]
 
 
-def _random_mask(params, keep=0.3):
-    """A D-like mask: mixed leaves in the encoder, all True or all False elsewhere."""
-    rng = np.random.default_rng(0)
-
-    def leaf(name, p):
-        if "encoder" in name:
-            return rng.random(p.shape) < keep
-        return np.full(p.shape, "pooler" not in name)
-
-    return map_with_name(leaf, params)
-
-
 def _train(tx, params, steps=STEPS):
     @jax.jit
     def step(p, s, g):
@@ -92,7 +79,7 @@ def _chains(params, mode, with_decay, optimizer):
     decay = optimizer_chain.decay_mask(params) if with_decay else None
     layout = flat_layout(params, split_by=[decay] if with_decay else [])
     make = functools.partial(optimizer_chain.OPTIMIZERS[optimizer], 1e-2, weight_decay=0.1)
-    key, mask = jax.random.key(3), _random_mask(params)
+    key, mask = jax.random.key(3), tiny_models.random_child_mask(params)
     child = {
         "vanilla": (optax.identity(), optax.identity()),
         "F": (child_tuning_f(0.3, key), flat_child_tuning_f(layout, 0.3, key)),
@@ -143,7 +130,7 @@ def test_flat_f_draws_the_per_leaf_keep_decisions(params, sampler):
 
 
 def test_flat_d_masks_as_the_per_leaf_d_and_its_state_follows_the_layout(params):
-    mask = _random_mask(params)
+    mask = tiny_models.random_child_mask(params)
     layout = flat_layout(params, split_by=[optimizer_chain.decay_mask(params)])
     grads = _grads(params, 1)
     expected, _ = child_tuning_d(mask).update(grads, child_tuning_d(mask).init(params))
@@ -172,11 +159,11 @@ def test_layout_groups_by_flags_and_names_bad_input(params):
     with pytest.raises(ValueError, match="has shape"):
         layout.flatten(wrong)
     with pytest.raises(ValueError, match="all True or all False"):
-        flat_layout(params, split_by=[_random_mask(params)])
+        flat_layout(params, split_by=[tiny_models.random_child_mask(params)])
 
 
 def test_in_leaf_view_runs_a_per_leaf_transform_inside_the_flat_view(params):
-    mask = _random_mask(params)
+    mask = tiny_models.random_child_mask(params)
     layout = flat_layout(params)
     tx = flat_update(layout, in_leaf_view(layout, child_tuning_d(mask)))
     grads = _grads(params, 1)
@@ -206,7 +193,7 @@ def _mode_and_regularizer():
 @pytest.mark.parametrize("mode, reg", list(_mode_and_regularizer()))
 def test_trainer_chain_is_the_same_flat_and_per_leaf(params, mode, reg):
     settings = optimizer_chain.OptimizerSettings(learning_rate=1e-2, weight_decay=0.1)
-    mask = _random_mask(params)
+    mask = tiny_models.random_child_mask(params)
 
     def child(layout):
         return optimizer_chain.child_transform(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tiny_models
 
-from childtuning_jax import flat_layout, map_with_name
+from childtuning_jax import flat_layout
 from childtuning_trainer import checkpoints, held_flat, loop, optimizer_chain, parallel, steps
 from childtuning_trainer.objective import make_objective
 from childtuning_trainer.settings import Settings
@@ -125,21 +125,10 @@ def test_backward_of_the_view_is_one_concatenate_per_buffer_and_no_pad(model_and
 # ---------------------------------------------------------------------------------------------
 
 
-def _random_mask(params, keep=0.3):
-    rng = np.random.default_rng(0)
-
-    def leaf(name, p):
-        if "encoder" in name:
-            return rng.random(p.shape) < keep
-        return np.full(p.shape, "pooler" not in name)
-
-    return map_with_name(leaf, params)
-
-
 def _chain(params, mode, weight_decay, form):
     """The trainer's chain, ``form`` ``"per-leaf"``, ``"flat"`` (the wrapper) or ``"held"``."""
     settings = optimizer_chain.OptimizerSettings(learning_rate=1e-2, weight_decay=weight_decay)
-    mask = _random_mask(params)
+    mask = tiny_models.random_child_mask(params)
 
     def child(layout):
         key = jax.random.key(1)
@@ -232,7 +221,9 @@ def test_held_chain_state_is_the_wrappers(model_and_params):
     _, params = model_and_params
     held_tx, layout = _chain(params, "D", 0.1, "held")
     wrapped = optimizer_chain.make_optimizer(
-        lambda lay: optimizer_chain.child_transform("D", mask=_random_mask(params), layout=lay),
+        lambda lay: optimizer_chain.child_transform(
+            "D", mask=tiny_models.random_child_mask(params), layout=lay
+        ),
         params,
         optimizer_chain.OptimizerSettings(learning_rate=1e-2, weight_decay=0.1),
         flat=True,

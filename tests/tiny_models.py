@@ -18,6 +18,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
+from childtuning_jax import map_with_name
 from childtuning_jax.models import from_config, save_pretrained
 from childtuning_trainer.objective import Model
 
@@ -49,6 +50,19 @@ def tiny_model(num_labels: int = 2, num_layers: int = 2) -> tuple[Model, nnx.Sta
 # ---------------------------------------------------------------------------------------------
 # Checkpoints on disk: trainer runs
 # ---------------------------------------------------------------------------------------------
+
+
+def random_child_mask(params, keep: float = 0.3):
+    """A ChildTuning-D-like mask of ``params``: a random ``keep`` share of each encoder leaf, the
+    other leaves all True (the pooler all False)."""
+    rng = np.random.default_rng(0)
+
+    def leaf(name, p):
+        if "encoder" in name:
+            return rng.random(p.shape) < keep
+        return np.full(p.shape, "pooler" not in name)
+
+    return map_with_name(leaf, params)
 
 
 def _rewrite_head(directory, drop: tuple[str, ...], architecture: str, extra=None) -> None:
